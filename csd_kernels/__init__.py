@@ -1,0 +1,9 @@
+"""Fused kernels for Concrete Score Distillation (Kim et al. 2025, arXiv 2509.25837).
+
+Importing this package imports torch only: Triton is imported when a Triton kernel is first used.
+"""
+
+from .loss import CSDLoss, csd_loss
+
+__all__ = ["csd_loss", "CSDLoss"]
+__version__ = "0.1.0"

@@ -1,0 +1,266 @@
+"""The `csd_loss` contract: argument validation and the weighting parser.
+
+Everything here runs on the host before any kernel is launched and only looks at shapes, dtypes,
+devices and Python values, never at tensor contents, so it costs no device synchronisation.
+
+A weighting is a pair (w1, w2) of convex mixtures of three base distributions over the vocabulary:
+S = softmax(s / temperature) (student), T = softmax(t / teacher_temperature) (teacher) and U (uniform
+over the row's valid entries). It is stored as two coefficient triples in the order (S, T, U).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Mapping, Optional, Tuple, Union
+
+import torch
+
+BASES = ("student", "teacher", "uniform")
+_LETTERS = {"s": "student", "t": "teacher", "u": "uniform"}
+WEIGHTING_CODES = ("ss", "ts", "st", "us", "su", "tt", "uu", "tu", "ut")
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "torch", "triton")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Mixture coefficients must sum to one; this slack absorbs decimal inputs such as 0.15 + 0.85.
+_SUM_TOLERANCE = 1e-6
+
+Mixture = Tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class CSDSpec:
+    """What a backend needs to know about one call, besides the tensors."""
+
+    w1: Mixture
+    w2: Mixture
+    temperature: float
+    teacher_temperature: float
+
+    def needs(self, base: int) -> bool:
+        """Whether base distribution `base` (0 = S, 1 = T, 2 = U) carries any weight."""
+        return self.w1[base] > 0.0 or self.w2[base] > 0.0
+
+    @property
+    def need_student(self) -> bool:
+        return self.needs(0)
+
+    @property
+    def need_teacher(self) -> bool:
+        return self.needs(1)
+
+    @property
+    def need_uniform(self) -> bool:
+        return self.needs(2)
+
+
+def _parse_mixture(item, position: str) -> Mixture:
+    if isinstance(item, str):
+        if item not in BASES:
+            raise ValueError(
+                f"weighting {position}: unknown distribution {item!r}; expected one of {BASES}"
+            )
+        return tuple(1.0 if name == item else 0.0 for name in BASES)
+    if isinstance(item, Mapping):
+        unknown = [key for key in item if key not in BASES]
+        if unknown:
+            raise ValueError(
+                f"weighting {position}: unknown distribution(s) {unknown}; expected keys from {BASES}"
+            )
+        coeffs = []
+        for name in BASES:
+            value = item.get(name, 0.0)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"weighting {position}: coefficient of {name!r} must be a real number, "
+                    f"got {type(value).__name__}"
+                )
+            value = float(value)
+            if not math.isfinite(value) or value < 0.0:
+                raise ValueError(
+                    f"weighting {position}: coefficient of {name!r} must be finite and "
+                    f"non-negative, got {value}"
+                )
+            coeffs.append(value)
+        total = sum(coeffs)
+        if abs(total - 1.0) > _SUM_TOLERANCE:
+            raise ValueError(
+                f"weighting {position}: mixture coefficients must sum to 1, got {dict(item)} "
+                f"(sum {total})"
+            )
+        return tuple(c / total for c in coeffs)
+    raise TypeError(
+        f"weighting {position}: expected a distribution name or a dict of names to coefficients, "
+        f"got {type(item).__name__}"
+    )
+
+
+def parse_weighting(weighting) -> Tuple[Mixture, Mixture]:
+    """Turn a weighting code or (w1, w2) pair into two (S, T, U) coefficient triples.
+
+    >>> parse_weighting("ts")
+    ((0.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+    >>> parse_weighting(({"teacher": 0.15, "student": 0.85},) * 2)[0]
+    (0.85, 0.15, 0.0)
+    """
+    if isinstance(weighting, str):
+        if weighting not in WEIGHTING_CODES:
+            raise ValueError(
+                f"weighting: unknown code {weighting!r}; expected one of {WEIGHTING_CODES} or a "
+                f"(w1, w2) tuple"
+            )
+        return tuple(_parse_mixture(_LETTERS[letter], f"code {weighting!r}") for letter in weighting)
+    if isinstance(weighting, (tuple, list)):
+        if len(weighting) != 2:
+            raise ValueError(f"weighting: a tuple must have two items (w1, w2), got {len(weighting)}")
+        return _parse_mixture(weighting[0], "w1"), _parse_mixture(weighting[1], "w2")
+    raise TypeError(f"weighting: expected a str code or a (w1, w2) tuple, got {type(weighting).__name__}")
+
+
+def _check_temperature(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def _check_logits(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor of dtype {LOGIT_DTYPES}, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a vocabulary dimension, got a 0-dim tensor")
+
+
+def _check_positions(name: str, x, lead: torch.Size, device: torch.device, want_bool: bool) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if want_bool and x.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
+    if not want_bool and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    if tuple(x.shape) != tuple(lead):
+        raise ValueError(
+            f"{name} must have the logits' leading shape {tuple(lead)}, got {tuple(x.shape)}"
+        )
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
+
+
+def check_inputs(
+    student_logits,
+    teacher_logits,
+    *,
+    temperature,
+    teacher_temperature=1.0,
+    labels=None,
+    ignore_index=-100,
+    mask=None,
+    reduction="mean",
+    num_items_in_batch=None,
+    backend="auto",
+) -> Tuple[float, float]:
+    """Validate everything `csd_loss` and `kl_loss` share; returns the two temperatures as floats."""
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    s_shape, t_shape = tuple(student_logits.shape), tuple(teacher_logits.shape)
+    if s_shape[:-1] != t_shape[:-1]:
+        raise ValueError(
+            f"student_logits and teacher_logits must have equal leading dims, got {s_shape} and {t_shape}"
+        )
+    if s_shape[-1] == 0:
+        raise ValueError(f"student_logits has a zero-size vocabulary: shape {s_shape}")
+    if t_shape[-1] < s_shape[-1]:
+        raise ValueError(
+            f"teacher vocabulary must be at least the student's (V_t >= V_s), got V_t={t_shape[-1]} "
+            f"< V_s={s_shape[-1]} (shapes {t_shape} and {s_shape})"
+        )
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            f"student_logits is on {student_logits.device} but teacher_logits is on {teacher_logits.device}"
+        )
+    temperature = _check_temperature("temperature", temperature)
+    teacher_temperature = _check_temperature("teacher_temperature", teacher_temperature)
+    lead = student_logits.shape[:-1]
+    if labels is not None:
+        _check_positions("labels", labels, lead, student_logits.device, want_bool=False)
+    if mask is not None:
+        _check_positions("mask", mask, lead, student_logits.device, want_bool=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_num_items(num_items_in_batch, student_logits.device)
+    return temperature, teacher_temperature
+
+
+def check_num_items(num_items_in_batch, device: torch.device) -> None:
+    if num_items_in_batch is None:
+        return
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                f"num_items_in_batch must be a 0-dim or one-element tensor, got shape "
+                f"{tuple(num_items_in_batch.shape)}"
+            )
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.dtype.is_complex:
+            raise TypeError(f"num_items_in_batch must be numeric, got {num_items_in_batch.dtype}")
+        if num_items_in_batch.device != device and num_items_in_batch.device.type != "cpu":
+            raise ValueError(
+                f"num_items_in_batch is on {num_items_in_batch.device} but the logits are on {device}"
+            )
+        return
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
+        raise TypeError(
+            f"num_items_in_batch must be an int or a one-element tensor, got "
+            f"{type(num_items_in_batch).__name__}"
+        )
+    if not num_items_in_batch > 0:
+        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+
+
+def active_positions(
+    lead: torch.Size,
+    device: torch.device,
+    labels: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    ignore_index: int,
+) -> torch.Tensor:
+    """(N,) bool: which positions count. Labels equal to `ignore_index` and False mask entries do not."""
+    n = math.prod(lead)
+    if labels is None and mask is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    active = None
+    if labels is not None:
+        active = labels.reshape(n) != ignore_index
+    if mask is not None:
+        m = mask.reshape(n)
+        active = m if active is None else active & m
+    return active
+
+
+def reduce_rows(
+    row_loss: torch.Tensor,
+    active: torch.Tensor,
+    lead: torch.Size,
+    reduction: str,
+    num_items_in_batch: Union[None, int, float, torch.Tensor],
+) -> torch.Tensor:
+    """Apply `reduction` to per-position losses (already 0 at excluded positions), without a host sync."""
+    if reduction == "none":
+        return row_loss.view(lead)
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is None:
+        # clamp: an empty batch or all-excluded positions give exactly 0, not 0/0.
+        return total / active.sum().clamp_min(1).to(total.dtype)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return total / num_items_in_batch.reshape(()).to(device=total.device, dtype=total.dtype)
+    return total / float(num_items_in_batch)

@@ -1,0 +1,173 @@
+"""The PyTorch backend of `csd_loss`: the streaming pass of `stats.py`, in vocabulary chunks.
+
+Works on any device and dtype. It materialises only (N, chunk) temporaries, never an (N, V) one besides
+the gradient itself, so its extra memory is the gradient plus O(N * chunk). It is the CPU path, the
+fallback where Triton cannot run, and the second opinion on the Triton kernels in the tests.
+
+Arithmetic is in fp32 (float64 when either input is float64, so `gradcheck` can run).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ..contract import CSDSpec
+from . import stats as st
+
+# Each temporary of the chunk loop holds N * chunk elements. 2^22 fp32 elements (16 MiB) per temporary
+# keeps the ~10 live temporaries near 160 MiB while chunks stay long enough that per-chunk overhead is
+# small; at least 256 columns so that very tall inputs do not degenerate into tiny chunks.
+_CHUNK_ELEMENTS = 1 << 22
+_MIN_CHUNK = 256
+
+
+def _chunk_size(n_rows: int, vocab: int) -> int:
+    return max(_MIN_CHUNK, min(vocab, _CHUNK_ELEMENTS // max(n_rows, 1)))
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def _chunk(x: torch.Tensor, start: int, stop: int, n_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    # reshape copies only when the leading dims cannot be flattened: an (N, chunk) copy at most.
+    return x[..., start:stop].reshape(n_rows, stop - start).to(dtype)
+
+
+def _chunks(student, teacher, n_rows, dtype):
+    vocab = student.shape[-1]
+    size = _chunk_size(n_rows, vocab)
+    for start in range(0, vocab, size):
+        stop = min(start + size, vocab)
+        s = _chunk(student, start, stop, n_rows, dtype)
+        t = _chunk(teacher, start, stop, n_rows, dtype)
+        valid = (s != -math.inf) & (t != -math.inf)
+        yield start, stop, s, t, valid
+
+
+class _OnlineMoments:
+    """Running (max, Z, M1, M2) of one softmax base distribution over a row, chunk by chunk."""
+
+    def __init__(self, n_rows, dtype, device):
+        self.m = torch.full((n_rows,), -math.inf, dtype=dtype, device=device)
+        self.z = torch.zeros(n_rows, dtype=dtype, device=device)
+        self.m1 = torch.zeros_like(self.z)
+        self.m2 = torch.zeros_like(self.z)
+
+    def update(self, x: torch.Tensor, valid: torch.Tensor, dd: torch.Tensor) -> None:
+        x = torch.where(valid, x, -math.inf)
+        m_new = torch.maximum(self.m, x.amax(dim=-1))
+        # A row with no valid entry yet keeps m = -inf; subtracting 0 instead avoids inf - inf = NaN.
+        m_safe = torch.where(m_new == -math.inf, 0.0, m_new)
+        alpha = torch.exp(self.m - m_safe)
+        p = torch.exp(x - m_safe[:, None])
+        pd = p * dd
+        self.z = self.z * alpha + p.sum(-1)
+        self.m1 = self.m1 * alpha + pd.sum(-1)
+        self.m2 = self.m2 * alpha + (pd * dd).sum(-1)
+        self.m = m_new
+
+    def lse_and_moments(self):
+        """(log Z, E[d - c], E[(d - c)^2]); NaN for an empty row, which the caller discards."""
+        return self.m + torch.log(self.z), self.m1 / self.z, self.m2 / self.z
+
+
+def _mix(coeffs, means):
+    total = 0.0
+    for a, value in zip(coeffs, means):
+        if a > 0.0:
+            total = total + a * value
+    return total
+
+
+def csd_forward(
+    student: torch.Tensor, teacher: torch.Tensor, active: torch.Tensor, spec: CSDSpec
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-position loss (N,) and the row statistics (N, NUM_STATS) for `csd_backward`."""
+    n_rows = active.numel()
+    dtype = _compute_dtype(student, teacher)
+    device = student.device
+    zeros = torch.zeros(n_rows, dtype=dtype, device=device)
+    bases = [
+        _OnlineMoments(n_rows, dtype, device) if spec.needs(b) else None for b in (0, 1)
+    ]
+    count, u1, u2, shift = zeros, zeros, zeros, None
+    scales = (1.0 / spec.temperature, 1.0 / spec.teacher_temperature)
+    for start, _, s, t, valid in _chunks(student, teacher, n_rows, dtype):
+        d = s - t
+        if shift is None:
+            shift = torch.where(valid, d, 0.0).sum(-1) / valid.sum(-1).clamp_min(1)
+        dd = torch.where(valid, d - shift[:, None], 0.0)
+        count = count + valid.sum(-1)
+        for base, logits, scale in zip(bases, (s, t), scales):
+            if base is not None:
+                base.update(logits * scale, valid, dd)
+        if spec.need_uniform:
+            u1 = u1 + dd.sum(-1)
+            u2 = u2 + (dd * dd).sum(-1)
+    if shift is None:  # zero rows: nothing was read
+        shift = zeros
+
+    stats = torch.zeros(n_rows, st.NUM_STATS, dtype=dtype, device=device)
+    inv_n = torch.where(count > 0, 1.0 / count, 0.0)
+    means, squares = [], []
+    for b, base in enumerate(bases):
+        if base is None:
+            means.append(zeros)
+            squares.append(zeros)
+            continue
+        lse, mean, square = base.lse_and_moments()
+        stats[:, (st.LSE_S, st.LSE_T)[b]] = lse
+        means.append(mean)
+        squares.append(square)
+    means.append(u1 * inv_n)
+    squares.append(u2 * inv_n)
+
+    e1, e2 = _mix(spec.w1, means), _mix(spec.w2, means)
+    q1, q2 = _mix(spec.w1, squares), _mix(spec.w2, squares)
+    loss = 0.25 * ((q1 - e1 * e1) + (q2 - e2 * e2) + (e1 - e2) ** 2)
+    # Rounding can leave a tiny negative variance; `where` (unlike clamp) keeps NaN visible.
+    loss = torch.where(loss < 0, 0.0, loss)
+    keep = active & (count > 0)
+    loss = torch.where(keep, loss, 0.0)
+    stats[:, st.E_W1] = torch.where(keep, e1, 0.0)
+    stats[:, st.E_W2] = torch.where(keep, e2, 0.0)
+    stats[:, st.SHIFT] = shift
+    stats[:, st.INV_N] = inv_n
+    return loss.to(torch.float32), stats
+
+
+def csd_backward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    active: torch.Tensor,
+    stats: torch.Tensor,
+    grad_rows: torch.Tensor,
+    spec: CSDSpec,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Gradient w.r.t. `student`, scaled per row by `grad_rows` (N,), written into `out` if given."""
+    n_rows = active.numel()
+    dtype = stats.dtype
+    if out is None:
+        out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    scale = torch.where(active, grad_rows.reshape(n_rows).to(dtype), 0.0)[:, None]
+    col = lambda k: stats[:, k : k + 1]  # noqa: E731
+    lse = (col(st.LSE_S), col(st.LSE_T))
+    temps = (spec.temperature, spec.teacher_temperature)
+    for start, stop, s, t, valid in _chunks(student, teacher, n_rows, dtype):
+        dd = s - t - col(st.SHIFT)
+        bases = [
+            torch.exp(logits / temp - lse_b) if spec.needs(b) else None
+            for b, (logits, temp, lse_b) in enumerate(zip((s, t), temps, lse))
+        ]
+        bases.append(col(st.INV_N) if spec.need_uniform else None)
+        w1 = _mix(spec.w1, bases)
+        w2 = _mix(spec.w2, bases)
+        g = 0.5 * scale * (w2 * (dd - col(st.E_W1)) + w1 * (dd - col(st.E_W2)))
+        g = torch.where(valid & active[:, None], g, 0.0)
+        out[..., start:stop] = g.view(*student.shape[:-1], stop - start)
+    return out

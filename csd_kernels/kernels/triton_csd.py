@@ -1,0 +1,452 @@
+"""Triton kernels for `csd_loss`: one streaming pass over the vocabulary forward, one backward.
+
+The maths (moments of d = s - t under the base distributions S, T, U, merged online) is derived in
+`stats.py`. Here:
+
+    forward   grid (N, P): program (row, p) streams columns [p * cols, (p + 1) * cols) of one row in
+              BLOCK-wide chunks and keeps online softmax moments for S and/or T and plain moments for U.
+              P == 1 (many rows): the program finalises the row itself (loss + 6 statistics).
+              P > 1 (few rows, long vocabulary): it writes 12 partial statistics and `_csd_merge_kernel`
+              (grid (N,)) merges the P partials of each row. Deterministic: fixed merge order, no atomics.
+    backward  grid (N, cdiv(V, BLOCK)): each program recomputes S(k), T(k), U(k) for one block from the
+              row statistics and writes grad_rows[row] * 1/2 (w2 (d - E_w1) + w1 (d - E_w2)).
+
+Bytes moved per vocabulary element, bf16 inputs: forward reads s and t (4 B), backward reads s and t
+and writes the gradient (6 B): 10 B in all, the floor the benchmarks compare against. Statistics are
+O(N) fp32. Excluded rows cost one load of their `active` flag (plus, backward, writing zeros).
+
+Softmax exponentials use exp2 with log2(e) / temperature folded into one per-row constant, so each
+element costs one FMA and one exp2 per base distribution.
+
+Limits: the vocabulary dimension must have stride 1 (the launcher copies a tensor whose last dim is
+strided, which is rare); leading dims may have any strides as long as they collapse into at most two
+(e.g. `logits[:, :-1]`), otherwise the launcher copies. Row offsets are int64 (N * V passes 2^31 at
+N = 16384, V = 151936).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..contract import CSDSpec
+from . import stats as st
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+NUM_PARTIALS = 12  # shift, (m, Z, M1, M2) for S, the same for T, (n, M1, M2) for U
+
+
+# ----------------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _row_base(ptr, row, L1, stride_outer, stride_inner):
+    # Leading dims are collapsed to (N // L1, L1) so that slices like logits[:, :-1] need no copy.
+    return ptr + (row // L1) * stride_outer + (row % L1) * stride_inner
+
+
+@triton.jit
+def _load_block(s_row, t_row, cols, stop):
+    # Upcast right after the load: fp32 arithmetic everywhere (bf16 arithmetic is also wrong under
+    # the interpreter). Out-of-range lanes read -inf, i.e. they look like masked vocabulary.
+    in_range = cols < stop
+    s = tl.load(s_row + cols, mask=in_range, other=float("-inf")).to(tl.float32)
+    t = tl.load(t_row + cols, mask=in_range, other=float("-inf")).to(tl.float32)
+    valid = (s != float("-inf")) & (t != float("-inf"))
+    return s, t, valid
+
+
+@triton.jit
+def _online_moments(x, valid, dd, m, z, m1, m2):
+    # x is in log2 units. A row with no valid entry so far keeps m = -inf; subtract 0 in that case so
+    # that exp2(-inf - -inf) never produces NaN.
+    x = tl.where(valid, x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(x - m_safe)
+    pd = p * dd
+    z = z * alpha + tl.sum(p, axis=0)
+    m1 = m1 * alpha + tl.sum(pd, axis=0)
+    m2 = m2 * alpha + tl.sum(pd * dd, axis=0)
+    return m_new, z, m1, m2
+
+
+@triton.jit
+def _merge_moments(ptr, lanes, delta):
+    # Merge P partial (m, Z, M1, M2), each around its own shift c_p, into one around c (delta = c_p - c).
+    m_p = tl.load(ptr, mask=lanes, other=float("-inf"))
+    z_p = tl.load(ptr + 1, mask=lanes, other=0.0)
+    m1_p = tl.load(ptr + 2, mask=lanes, other=0.0)
+    m2_p = tl.load(ptr + 3, mask=lanes, other=0.0)
+    m = tl.max(m_p, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    scale = tl.exp2(m_p - m_safe)
+    z = tl.sum(scale * z_p, axis=0)
+    m1 = tl.sum(scale * (m1_p + z_p * delta), axis=0)
+    m2 = tl.sum(scale * (m2_p + 2.0 * delta * m1_p + z_p * delta * delta), axis=0)
+    return m, z, m1, m2
+
+
+@triton.jit
+def _mix(a_s, a_t, a_u, v_s, v_t, v_u, NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr):
+    # Only the bases the weighting uses enter, so an unused base's placeholder never reaches the sum.
+    total = 0.0
+    if NEED_S:
+        total += a_s * v_s
+    if NEED_T:
+        total += a_t * v_t
+    if NEED_U:
+        total += a_u * v_u
+    return total
+
+
+@triton.jit
+def _finalize(
+    row, loss_ptr, stats_ptr, shift, n,
+    m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2,
+    a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr,
+):
+    empty = n == 0.0
+    inv_n = tl.where(empty, 0.0, 1.0 / tl.maximum(n, 1.0))
+    e_s = m1_s / z_s
+    q_s = m2_s / z_s
+    e_t = m1_t / z_t
+    q_t = m2_t / z_t
+    e_u = u1 * inv_n
+    q_u = u2 * inv_n
+    e1 = _mix(a1_s, a1_t, a1_u, e_s, e_t, e_u, NEED_S, NEED_T, NEED_U)
+    e2 = _mix(a2_s, a2_t, a2_u, e_s, e_t, e_u, NEED_S, NEED_T, NEED_U)
+    q1 = _mix(a1_s, a1_t, a1_u, q_s, q_t, q_u, NEED_S, NEED_T, NEED_U)
+    q2 = _mix(a2_s, a2_t, a2_u, q_s, q_t, q_u, NEED_S, NEED_T, NEED_U)
+    loss = 0.25 * ((q1 - e1 * e1) + (q2 - e2 * e2) + (e1 - e2) * (e1 - e2))
+    # Rounding can leave a tiny negative variance; `where` (unlike maximum) keeps NaN visible.
+    loss = tl.where(loss < 0.0, 0.0, loss)
+    loss = tl.where(empty, 0.0, loss)
+    stats_row = stats_ptr + row * 6
+    tl.store(loss_ptr + row, loss)
+    tl.store(stats_row + 0, (m_s + tl.log2(z_s)) * 0.6931471805599453)
+    tl.store(stats_row + 1, (m_t + tl.log2(z_t)) * 0.6931471805599453)
+    tl.store(stats_row + 2, tl.where(empty, 0.0, e1))
+    tl.store(stats_row + 3, tl.where(empty, 0.0, e2))
+    tl.store(stats_row + 4, shift)
+    tl.store(stats_row + 5, inv_n)
+
+
+@triton.jit
+def _store_excluded_row(row, loss_ptr, stats_ptr):
+    tl.store(loss_ptr + row, 0.0)
+    cols = tl.arange(0, 8)
+    tl.store(stats_ptr + row * 6 + cols, tl.zeros([8], tl.float32), mask=cols < 6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _csd_fwd_kernel(
+    # pointers
+    s_ptr, t_ptr, active_ptr, part_ptr, loss_ptr, stats_ptr,
+    # shapes
+    V, L1, cols_per_program,
+    # strides (the vocabulary stride is 1)
+    s_so, s_si, t_so, t_si,
+    # log2(e) / temperature and log2(e) / teacher_temperature
+    s_scale, t_scale,
+    # weighting: (S, T, U) coefficients of w1 and w2
+    a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    if tl.load(active_ptr + row) == 0:
+        if not SPLIT:
+            _store_excluded_row(row, loss_ptr, stats_ptr)
+        return  # with SPLIT the merge kernel never reads an excluded row's partials
+
+    s_row = _row_base(s_ptr, row, L1, s_so, s_si)
+    t_row = _row_base(t_ptr, row, L1, t_so, t_si)
+    start = part * cols_per_program
+    stop = tl.minimum(start + cols_per_program, V)
+    lanes = tl.arange(0, BLOCK)
+
+    # Shift c: the mean of the valid d in this program's first block (that block is read again from
+    # cache by the loop below).
+    s, t, valid = _load_block(s_row, t_row, start + lanes, stop)
+    first_count = tl.sum(valid.to(tl.float32), axis=0)
+    shift = tl.sum(tl.where(valid, s - t, 0.0), axis=0) / tl.maximum(first_count, 1.0)
+
+    zero = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)  # an fp32 scalar for loop-carried values
+    n = zero
+    m_s, z_s, m1_s, m2_s = zero - float("inf"), zero, zero, zero
+    m_t, z_t, m1_t, m2_t = zero - float("inf"), zero, zero, zero
+    u1, u2 = zero, zero
+    for block_start in range(start, stop, BLOCK):
+        s, t, valid = _load_block(s_row, t_row, block_start + lanes, stop)
+        dd = tl.where(valid, s - t - shift, 0.0)
+        n += tl.sum(valid.to(tl.float32), axis=0)
+        if NEED_S:
+            m_s, z_s, m1_s, m2_s = _online_moments(s * s_scale, valid, dd, m_s, z_s, m1_s, m2_s)
+        if NEED_T:
+            m_t, z_t, m1_t, m2_t = _online_moments(t * t_scale, valid, dd, m_t, z_t, m1_t, m2_t)
+        if NEED_U:
+            u1 += tl.sum(dd, axis=0)
+            u2 += tl.sum(dd * dd, axis=0)
+
+    if SPLIT:
+        out = part_ptr + (row * tl.num_programs(1) + part) * 12
+        tl.store(out + 0, shift)
+        tl.store(out + 1, m_s)
+        tl.store(out + 2, z_s)
+        tl.store(out + 3, m1_s)
+        tl.store(out + 4, m2_s)
+        tl.store(out + 5, m_t)
+        tl.store(out + 6, z_t)
+        tl.store(out + 7, m1_t)
+        tl.store(out + 8, m2_t)
+        tl.store(out + 9, n)
+        tl.store(out + 10, u1)
+        tl.store(out + 11, u2)
+    else:
+        _finalize(
+            row, loss_ptr, stats_ptr, shift, n,
+            m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2,
+            a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U,
+        )
+
+
+@triton.jit
+def _csd_merge_kernel(
+    part_ptr, active_ptr, loss_ptr, stats_ptr,
+    P,
+    a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(active_ptr + row) == 0:
+        _store_excluded_row(row, loss_ptr, stats_ptr)
+        return
+    lanes = tl.arange(0, BLOCK_P) < P
+    parts = part_ptr + row * P * 12 + tl.arange(0, BLOCK_P) * 12
+    shift = tl.load(part_ptr + row * P * 12)  # partial 0's shift becomes the row's
+    delta = tl.load(parts, mask=lanes, other=0.0) - shift
+    n_p = tl.load(parts + 9, mask=lanes, other=0.0)
+    u1_p = tl.load(parts + 10, mask=lanes, other=0.0)
+    u2_p = tl.load(parts + 11, mask=lanes, other=0.0)
+    n = tl.sum(n_p, axis=0)
+    u1 = tl.sum(u1_p + n_p * delta, axis=0)
+    u2 = tl.sum(u2_p + 2.0 * delta * u1_p + n_p * delta * delta, axis=0)
+    m_s, z_s, m1_s, m2_s = _merge_moments(parts + 1, lanes, delta)
+    m_t, z_t, m1_t, m2_t = _merge_moments(parts + 5, lanes, delta)
+    _finalize(
+        row, loss_ptr, stats_ptr, shift, n,
+        m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2,
+        a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U,
+    )
+
+
+@triton.jit
+def _csd_bwd_kernel(
+    # pointers (g_ptr may alias s_ptr: each program reads its block before writing it)
+    s_ptr, t_ptr, g_ptr, active_ptr, stats_ptr, grow_ptr,
+    # shapes
+    V, L1,
+    # strides (the vocabulary stride is 1)
+    s_so, s_si, t_so, t_si, g_so, g_si, grow_stride,
+    # log2(e) / temperature and log2(e) / teacher_temperature
+    s_scale, t_scale,
+    a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    g_row = _row_base(g_ptr, row, L1, g_so, g_si)
+    if tl.load(active_ptr + row) == 0:
+        tl.store(g_row + cols, tl.zeros([BLOCK], tl.float32).to(g_ptr.dtype.element_ty), mask=cols < V)
+        return
+
+    stats_row = stats_ptr + row * 6
+    lse_s = tl.load(stats_row + 0) * 1.4426950408889634
+    lse_t = tl.load(stats_row + 1) * 1.4426950408889634
+    e1 = tl.load(stats_row + 2)
+    e2 = tl.load(stats_row + 3)
+    shift = tl.load(stats_row + 4)
+    inv_n = tl.load(stats_row + 5)
+    scale = 0.5 * tl.load(grow_ptr + row * grow_stride).to(tl.float32)
+
+    s, t, valid = _load_block(
+        _row_base(s_ptr, row, L1, s_so, s_si), _row_base(t_ptr, row, L1, t_so, t_si), cols, V
+    )
+    dd = s - t - shift
+    p_s = tl.exp2(s * s_scale - lse_s)
+    p_t = tl.exp2(t * t_scale - lse_t)
+    w1 = _mix(a1_s, a1_t, a1_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
+    w2 = _mix(a2_s, a2_t, a2_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
+    g = scale * (w2 * (dd - e1) + w1 * (dd - e2))
+    g = tl.where(valid, g, 0.0)
+    tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------
+# Block-size heuristic (one place). Not yet measured on a GPU: chosen so that each iteration of a
+# program moves at least 16 KiB (4096 bf16 elements of s and t) to keep enough loads in flight to hide
+# DRAM latency on H100/H200-class GPUs, with 8 warps (16 elements per thread) for full blocks and 4 for
+# short rows. The GPU-validation issue sweeps BLOCK and num_warps and replaces this comment with the
+# measured table.
+MAX_BLOCK = 4096
+# Grid target when splitting rows: enough programs to give every SM several resident programs.
+PROGRAMS_PER_SM = 4
+
+
+def block_config(vocab: int) -> Tuple[int, int]:
+    """(BLOCK, num_warps) for a row of `vocab` entries, used by both the forward and the backward."""
+    block = min(MAX_BLOCK, triton.next_power_of_2(max(vocab, 16)))
+    return block, 8 if block >= 2048 else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter on CPU: small, so the tests' few rows exercise the split path
+
+
+def split_count(n_rows: int, vocab: int, block: int, device: torch.device) -> int:
+    """Programs per row: 1 when there are rows enough to fill the GPU, more for few long rows."""
+    blocks = triton.cdiv(vocab, block)
+    target = PROGRAMS_PER_SM * _num_sms(device)
+    if n_rows >= target:
+        return 1
+    wanted = min(blocks, triton.cdiv(target, max(n_rows, 1)))
+    # Give every program the same whole number of blocks, and no program an empty range.
+    return triton.cdiv(blocks, triton.cdiv(blocks, wanted))
+
+
+def _row_layout(lead: torch.Size, tensors):
+    """Address rows of tensors with leading shape `lead` as (N // L1, L1): (L1, [(outer, inner) strides]).
+
+    Returns None when some tensor's leading dims do not collapse into two strided dims. Slices such as
+    logits[:, :-1] of a (B, L, V) tensor collapse into exactly two, so they need no copy.
+    """
+    keep = [i for i, size in enumerate(lead) if size != 1]  # size-1 dims have no meaningful stride
+    sizes = [lead[i] for i in keep]
+    breaks = set()
+    for x in tensors:
+        strides = [x.stride(i) for i in keep]
+        for j in range(1, len(keep)):
+            if strides[j - 1] != strides[j] * sizes[j]:
+                breaks.add(j)
+    if len(breaks) > 1:
+        return None
+    if not keep:
+        return 1, [(0, 0) for _ in tensors]
+    split = breaks.pop() if breaks else 0
+    l1 = math.prod(sizes[split:])
+    return l1, [(x.stride(keep[split - 1]) if split else 0, x.stride(keep[-1])) for x in tensors]
+
+
+def _rows(*tensors: torch.Tensor):
+    """(tensors, L1, strides) for the kernels: unit vocabulary stride, leading dims as two strided dims.
+
+    Copies (x.contiguous()) only a tensor with a strided vocabulary dimension or leading dims that need
+    more than two strides; both are rare in practice.
+    """
+    tensors = [x if x.stride(-1) == 1 else x.contiguous() for x in tensors]
+    lead = tensors[0].shape[:-1]
+    layout = _row_layout(lead, tensors)
+    if layout is None:
+        tensors = [x.contiguous() for x in tensors]
+        layout = _row_layout(lead, tensors)
+    l1, strides = layout
+    return tensors, l1, strides
+
+
+def _launch_constants(spec: CSDSpec):
+    return (
+        LOG2E / spec.temperature,
+        LOG2E / spec.teacher_temperature,
+        *spec.w1,
+        *spec.w2,
+    )
+
+
+def _flags(spec: CSDSpec):
+    return dict(NEED_S=spec.need_student, NEED_T=spec.need_teacher, NEED_U=spec.need_uniform)
+
+
+def csd_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    active: torch.Tensor,
+    spec: CSDSpec,
+    splits: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-position loss (N,) fp32 and row statistics (N, 6) fp32. `splits` overrides the heuristic."""
+    vocab = student.shape[-1]
+    n_rows = active.numel()
+    device = student.device
+    loss = torch.empty(n_rows, dtype=torch.float32, device=device)
+    stats = torch.empty(n_rows, st.NUM_STATS, dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return loss, stats
+    (s, t), l1, ((s_so, s_si), (t_so, t_si)) = _rows(student, teacher)
+    block, num_warps = block_config(vocab)
+    parts = split_count(n_rows, vocab, block, device) if splits is None else splits
+    cols_per_program = triton.cdiv(triton.cdiv(vocab, block), parts) * block
+    partial_shape = (n_rows, parts, NUM_PARTIALS) if parts > 1 else (1,)
+    partials = torch.empty(partial_shape, dtype=torch.float32, device=device)
+    constants = _launch_constants(spec)
+    _csd_fwd_kernel[(n_rows, parts)](
+        s, t, active, partials, loss, stats,
+        vocab, l1, cols_per_program,
+        s_so, s_si, t_so, t_si,
+        *constants,
+        SPLIT=parts > 1, BLOCK=block, num_warps=num_warps, **_flags(spec),
+    )
+    if parts > 1:
+        _csd_merge_kernel[(n_rows,)](
+            partials, active, loss, stats, parts, *constants[2:],
+            BLOCK_P=triton.next_power_of_2(parts), num_warps=1, **_flags(spec),
+        )
+    return loss, stats
+
+
+def csd_backward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    active: torch.Tensor,
+    stats: torch.Tensor,
+    grad_rows: torch.Tensor,
+    spec: CSDSpec,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Gradient w.r.t. `student`, scaled per row by `grad_rows` (N,), written into `out` if given."""
+    vocab = student.shape[-1]
+    n_rows = active.numel()
+    if out is None:
+        out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    if n_rows == 0:
+        return out
+    (s, t, g), l1, ((s_so, s_si), (t_so, t_si), (g_so, g_si)) = _rows(student, teacher, out)
+    grad_rows = grad_rows.reshape(n_rows)
+    block, num_warps = block_config(vocab)
+    _csd_bwd_kernel[(n_rows, triton.cdiv(vocab, block))](
+        s, t, g, active, stats, grad_rows,
+        vocab, l1,
+        s_so, s_si, t_so, t_si, g_so, g_si, grad_rows.stride(0),
+        *_launch_constants(spec),
+        BLOCK=block, num_warps=num_warps, **_flags(spec),
+    )
+    if g is not out:  # `out` could not be addressed as rows (only an exotic in-place target)
+        out.copy_(g)
+    return out

@@ -1,0 +1,55 @@
+"""Comparison helpers: per-dtype tolerances in one place and failures that show the worst element."""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# (rtol, atol) by the dtype of the compared tensor. Losses are fp32 whatever the input dtype, computed
+# from the same (upcast) inputs as the reference, so only summation order differs. Gradients come back
+# in the student's dtype: one rounding (or, under the Triton interpreter, truncation) of the result.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 2e-6),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float16: (2e-3, 1e-6),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype=None, name="value", scale=None):
+    """assert |actual - expected| <= atol * scale + rtol * |expected| elementwise, reporting the worst.
+
+    `scale` (default: max |expected|) makes atol relative to the tensor's magnitude, so tiny entries
+    next to large ones do not need an absurd relative accuracy.
+    """
+    dtype = dtype or actual.dtype
+    rtol, atol = TOLERANCES[dtype]
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64).cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    same_nan = torch.isnan(actual) == torch.isnan(expected)
+    assert bool(same_nan.all()), f"{name}: NaN pattern differs at {torch.nonzero(~same_nan)[:5].tolist()}"
+    a, e = torch.nan_to_num(actual), torch.nan_to_num(expected)
+    if scale is None:
+        scale = e.abs().max().item() if e.numel() else 1.0
+    bound = atol * max(scale, 1.0) + rtol * e.abs()
+    excess = (a - e).abs() - bound
+    if excess.numel() and excess.max() > 0:
+        worst = int(excess.argmax())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), e.shape))
+        raise AssertionError(
+            f"{name}: {int((excess > 0).sum())} of {e.numel()} elements out of tolerance "
+            f"(rtol={rtol}, atol={atol} x {max(scale, 1.0):.3g}); worst at index {index}: "
+            f"got {a.flatten()[worst].item():.9g}, expected {e.flatten()[worst].item():.9g}"
+        )
+
+
+def loss_and_grad(fn, student, teacher, upstream=None, **kwargs):
+    """Run fn(student, teacher, **kwargs) and its backward; returns (loss, d loss / d student)."""
+    student = student.detach().clone().requires_grad_(True)
+    loss = fn(student, teacher, **kwargs)
+    if upstream is None:
+        upstream = torch.ones_like(loss)
+    (grad,) = torch.autograd.grad(loss, student, upstream)
+    return loss.detach(), grad

@@ -35,11 +35,19 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" means Triton for CUDA tensors when Triton is installed, PyTorch otherwise."""
+def resolve_backend(backend: str, student: torch.Tensor, teacher: torch.Tensor) -> str:
+    """"auto" means Triton for CUDA tensors when Triton is installed, PyTorch otherwise (and for float64,
+    which the Triton kernels, computing in fp32, do not take)."""
+    device = student.device
+    float64 = torch.float64 in (student.dtype, teacher.dtype)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_importable() else "torch"
+        return "triton" if device.type == "cuda" and not float64 and _triton_importable() else "torch"
     if backend == "triton":
+        if float64:
+            raise TypeError(
+                "backend='triton' computes in fp32 and does not take float64 logits "
+                f"(got {student.dtype} and {teacher.dtype}); use backend='torch'"
+            )
         if not _triton_importable():
             raise ValueError("backend='triton' needs the `triton` package, which is not installed")
         if device.type != "cuda" and not _interpreter_on():

@@ -60,8 +60,8 @@ def csd_loss(
     positions are never read. An empty batch or all positions excluded gives exactly 0.
 
     Returns:
-        float32 scalar, or per-position (...,) losses for reduction="none". The gradient has the
-        student's dtype.
+        float32 scalar, or per-position (...,) losses for reduction="none" (float64 when an input is
+        float64, which the PyTorch backend computes in float64). The gradient has the student's dtype.
     """
     temperature, teacher_temperature = check_inputs(
         student_logits,
@@ -79,7 +79,7 @@ def csd_loss(
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     w1, w2 = parse_weighting(weighting)
     spec = CSDSpec(w1, w2, temperature, teacher_temperature)
-    backend = resolve_backend(backend, student_logits.device)
+    backend = resolve_backend(backend, student_logits, teacher_logits)
     lead = student_logits.shape[:-1]
     active = active_positions(lead, student_logits.device, labels, mask, ignore_index)
     row_loss = CSDFunction.apply(student_logits, teacher_logits, active, spec, backend, inplace_backward)

@@ -53,8 +53,8 @@ def base_distributions(s, t, temperature, teacher_temperature):
 
     S = softmax_over_valid(s.detach() / temperature)
     T = softmax_over_valid(t.detach() / teacher_temperature)
-    U = valid / valid.sum(dim=-1, keepdim=True).clamp_min(1)
-    return valid, S, T, U.to(s.dtype)
+    U = valid.to(s.dtype) / valid.sum(dim=-1, keepdim=True).clamp_min(1)
+    return valid, S, T, U
 
 
 def mixture_weights(weighting, S, T, U):

@@ -1,0 +1,71 @@
+"""Extra peak host memory of one forward + backward, measured in a fresh process (Linux only).
+
+CPU tensors have no allocator statistics like torch.cuda.max_memory_allocated, so this measures the
+process's resident set: after the inputs exist it resets the kernel's high-water mark
+(/proc/self/clear_refs, "5"), runs forward and backward, and reads VmHWM. "Extra" is VmHWM minus the
+resident set just before the call, so it includes the gradient (which the caller keeps) and every
+temporary. glibc is told to serve every allocation above 64 KiB with mmap so that freed temporaries
+leave the resident set at once and the next case cannot reuse them unseen.
+
+Usage: python -m benchmarks.cpu_memory --provider csd-ss --rows 8192 --vocab 32000 --dtype float32
+Prints one JSON object: extra_bytes, grad_bytes, seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _resident_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure(provider: str, rows: int, vocab: int, dtype_name: str) -> dict:
+    import torch
+
+    from benchmarks.providers import PROVIDERS
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    fn = PROVIDERS[provider].make()
+    student = torch.empty(rows, vocab, dtype=dtype).normal_().requires_grad_(True)
+    teacher = torch.empty(rows, vocab, dtype=dtype).normal_()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _resident_bytes("VmRSS")
+    start = time.perf_counter()
+    fn(student, teacher).backward()
+    seconds = time.perf_counter() - start
+    peak = _resident_bytes("VmHWM")
+    grad_bytes = student.grad.numel() * student.grad.element_size()
+    return {"extra_bytes": peak - before, "grad_bytes": grad_bytes, "seconds": seconds}
+
+
+def measure(provider: str, rows: int, vocab: int, dtype: str = "float32") -> dict:
+    """Run `_measure` in a fresh interpreter (clean allocator state) and return its result."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "benchmarks.cpu_memory", "--provider", provider, "--rows", str(rows),
+           "--vocab", str(vocab), "--dtype", dtype]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--provider", required=True, help="a name from benchmarks/providers.py")
+    parser.add_argument("--rows", type=int, required=True)
+    parser.add_argument("--vocab", type=int, required=True)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    print(json.dumps(_measure(args.provider, args.rows, args.vocab, args.dtype)))

@@ -1,0 +1,119 @@
+"""Plots and a markdown table drawn from a benchmark CSV (never from numbers typed by hand).
+
+Usage: python -m benchmarks.plots benchmarks/results/<run>/results.csv
+Writes time_vs_vocab.png, memory_vs_vocab.png and table.md beside the CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from collections import defaultdict
+from typing import Dict, List
+
+_STYLE = {  # kernel providers solid, naive and compiled baselines dashed
+    "csd-": "-", "kl-": "-", "authors": "--", "compiled": ":", "naive": "--", "liger": "-.",
+}
+
+
+def load(path: str) -> List[Dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _ok(rows, metric, mode):
+    return [r for r in rows if r["metric"] == metric and r["mode"] == mode and r["status"] == "ok"]
+
+
+def _linestyle(provider: str) -> str:
+    return next((style for prefix, style in _STYLE.items() if provider.startswith(prefix)), "-")
+
+
+def plot(rows, metric: str, mode: str, ylabel: str, scale: float, out: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    selected = _ok(rows, metric, mode)
+    panels = sorted({(r["dtype"], int(r["N"])) for r in selected})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for ax, (dtype, n) in zip(axes[0], panels):
+        series = defaultdict(list)
+        for r in selected:
+            if r["dtype"] == dtype and int(r["N"]) == n:
+                series[r["provider"]].append((int(r["V"]), float(r["p50"]) * scale))
+        for provider, points in sorted(series.items()):
+            points.sort()
+            ax.plot([v for v, _ in points], [y for _, y in points], _linestyle(provider), marker="o",
+                    markersize=3, label=provider)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("vocabulary size V")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"N = {n}, {dtype}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"{title} ({rows[0]['device']}, commit {rows[0]['commit']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def table(rows, n: int) -> str:
+    """Markdown: one line per (provider, V) at N = n: full-step time, extra memory, bandwidth."""
+    cells = defaultdict(dict)
+    for r in rows:
+        if int(r["N"] or 0) != n or r["mode"] != "full":
+            continue
+        key = (r["dtype"], r["provider"], int(r["V"]))
+        if r["status"] != "ok":
+            cells[key]["status"] = r["status"]
+        else:
+            cells[key][r["metric"]] = float(r["p50"])
+    if not cells:
+        return ""
+    lines = [
+        f"Forward + backward at N = {n} on {rows[0]['device']} (commit {rows[0]['commit']}; median):",
+        "",
+        "| dtype | provider | V | time (ms) | extra memory (MB) | bandwidth (of copy) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for (dtype, provider, vocab), c in sorted(cells.items()):
+        def fmt(metric, scale=1.0, digits=2):
+            return f"{c[metric] * scale:.{digits}f}" if metric in c else c.get("status", "")
+        lines.append(
+            f"| {dtype} | {provider} | {vocab} | {fmt('time')} | {fmt('extra_memory', 1e-6, 0)} | "
+            f"{fmt('bandwidth_fraction', 100, 0) + ' %' if 'bandwidth_fraction' in c else '-'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render(path: str, table_rows_n=None) -> List[str]:
+    rows = load(path)
+    folder = os.path.dirname(path)
+    written = []
+    for metric, label, scale, name, title in [
+        ("time", "forward + backward time (ms)", 1.0, "time_vs_vocab.png", "Time"),
+        ("extra_memory", "extra peak memory (MB)", 1e-6, "memory_vs_vocab.png", "Extra peak memory"),
+    ]:
+        out = os.path.join(folder, name)
+        plot(rows, metric, "full", label, scale, out, title)
+        if os.path.exists(out):
+            written.append(out)
+    sizes = sorted({int(r["N"]) for r in rows if r["N"] and int(r["N"]) > 0})
+    n = table_rows_n if table_rows_n in sizes else (8192 if 8192 in sizes else max(sizes, default=0))
+    md = table(rows, n)
+    out = os.path.join(folder, "table.md")
+    with open(out, "w") as f:
+        f.write(md)
+    written.append(out)
+    return written
+
+
+if __name__ == "__main__":
+    for written in render(sys.argv[1]):
+        print("wrote", written)

@@ -1,0 +1,84 @@
+"""The implementations the benchmarks compare, by name: each maps (student, teacher) to a scalar loss.
+
+Names are stable: they are the `provider` column of the CSV and the legend of the plots.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import reference
+import csd_kernels
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    description: str
+    make: Callable[[], Callable]  # built lazily: torch.compile and optional imports cost time
+    gpu_only: bool = False
+    requires: Optional[str] = None  # an optional module that must be importable
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if self.gpu_only and device.type != "cuda":
+            return "GPU only"
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            return f"{self.requires} is not installed"
+        return None
+
+
+def _naive_forward_kl(student, teacher):
+    """What most training code does: fp32 log_softmax of both sides, then a batch-mean KL."""
+    log_p_s = torch.log_softmax(student.float(), dim=-1)
+    log_p_t = torch.log_softmax(teacher.float(), dim=-1)
+    return torch.nn.functional.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+
+
+def _liger_jsd():
+    from liger_kernel.transformers import LigerJSD
+
+    jsd = LigerJSD(beta=0.0)  # beta = 0: forward KL(teacher || student), fed log-probabilities
+
+    def loss(student, teacher):
+        return jsd(torch.log_softmax(student.float(), -1), torch.log_softmax(teacher.float(), -1))
+
+    return loss
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _csd(weighting):
+    return lambda: functools.partial(csd_kernels.csd_loss, weighting=weighting)
+
+
+def _kl(kind):
+    return lambda: functools.partial(csd_kernels.kl_loss, kind=kind)
+
+
+PROVIDERS = {
+    p.name: p
+    for p in [
+        Provider("csd-ss", "csd_kernels.csd_loss, weighting='ss'", _csd("ss")),
+        Provider("csd-ts", "csd_kernels.csd_loss, weighting='ts'", _csd("ts")),
+        Provider("csd-us", "csd_kernels.csd_loss, weighting='us'", _csd("us")),
+        Provider("kl-forward", "csd_kernels.kl_loss, kind='forward'", _kl("forward")),
+        Provider("kl-reverse", "csd_kernels.kl_loss, kind='reverse'", _kl("reverse")),
+        Provider("authors-csd", "naive PyTorch CSD in the authors' style (reference.csd_loss_authors)",
+                 lambda: reference.csd_loss_authors),
+        Provider("compiled-authors-csd", "torch.compile of authors-csd",
+                 lambda: _compiled(reference.csd_loss_authors), gpu_only=True),
+        Provider("naive-kl", "naive PyTorch forward KL (fp32 log_softmax + kl_div)",
+                 lambda: _naive_forward_kl),
+        Provider("compiled-naive-kl", "torch.compile of naive-kl", lambda: _compiled(_naive_forward_kl),
+                 gpu_only=True),
+        Provider("liger-jsd", "Liger-Kernel JSD, beta=0, fed log_softmax", _liger_jsd, gpu_only=True,
+                 requires="liger_kernel"),
+    ]
+}

@@ -3,7 +3,7 @@
 Importing this package imports torch only: Triton is imported when a Triton kernel is first used.
 """
 
-from .loss import CSDLoss, csd_loss
+from .loss import CSDLoss, KLLoss, csd_loss, kl_loss
 
-__all__ = ["csd_loss", "CSDLoss"]
+__all__ = ["csd_loss", "CSDLoss", "kl_loss", "KLLoss"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The autograd function behind `csd_loss`, shared by every backend.
+"""The autograd function behind `csd_loss` and `kl_loss`, shared by every backend.
 
 It returns per-position losses (N,) and leaves the reduction to ordinary autograd ops on that small
 vector, so the backward kernel receives a per-row upstream gradient for every reduction (a stride-0
@@ -13,11 +13,11 @@ from types import ModuleType
 
 import torch
 
-from .contract import CSDSpec
+from .contract import LossSpec
 
 _BACKEND_MODULES = {
-    "torch": "csd_kernels.kernels.torch_csd",
-    "triton": "csd_kernels.kernels.triton_csd",
+    "torch": "csd_kernels.kernels.torch_backend",
+    "triton": "csd_kernels.kernels.triton_backend",
 }
 
 
@@ -63,13 +63,13 @@ def backend_module(name: str) -> ModuleType:
     return importlib.import_module(_BACKEND_MODULES[name])
 
 
-class CSDFunction(torch.autograd.Function):
-    """(student, teacher, active) -> per-position CSD loss (N,) fp32; gradient for `student` only."""
+class LossFunction(torch.autograd.Function):
+    """(student, teacher, active) -> per-position loss (N,) of `spec.kind`; gradient for `student` only."""
 
     @staticmethod
-    def forward(ctx, student, teacher, active, spec: CSDSpec, backend: str, inplace_backward: bool):
+    def forward(ctx, student, teacher, active, spec: LossSpec, backend: str, inplace_backward: bool):
         kernels = backend_module(backend)
-        loss, stats = kernels.csd_forward(student, teacher, active, spec)
+        loss, stats = kernels.forward(student, teacher, active, spec)
         ctx.save_for_backward(student, teacher, active, stats)
         ctx.spec, ctx.backend, ctx.inplace_backward = spec, backend, inplace_backward
         return loss
@@ -79,7 +79,7 @@ class CSDFunction(torch.autograd.Function):
         student, teacher, active, stats = ctx.saved_tensors
         kernels = backend_module(ctx.backend)
         out = student if ctx.inplace_backward else None
-        grad = kernels.csd_backward(student, teacher, active, stats, grad_rows, ctx.spec, out=out)
+        grad = kernels.backward(student, teacher, active, stats, grad_rows, ctx.spec, out=out)
         if ctx.inplace_backward:
             # The logits now hold their gradient: any other saved use of them must fail loudly.
             torch.autograd.graph.increment_version(student)

@@ -29,14 +29,28 @@ _SUM_TOLERANCE = 1e-6
 Mixture = Tuple[float, float, float]
 
 
+KINDS = ("csd", "kl-forward", "kl-reverse")
+
+
 @dataclass(frozen=True)
-class CSDSpec:
-    """What a backend needs to know about one call, besides the tensors."""
+class LossSpec:
+    """What a backend needs to know about one call, besides the tensors.
+
+    Every loss is a function of the same streamed row statistics (`kernels/stats.py`): CSD of the
+    moments under (w1, w2); the KL divergences of the log-normalisers and E_S[d], E_T[d], which is why
+    KL is posed as w1 = S, w2 = T with one temperature on both sides (see `kl_spec`).
+    """
 
     w1: Mixture
     w2: Mixture
     temperature: float
     teacher_temperature: float
+    kind: str = "csd"
+
+    @property
+    def kind_code(self) -> int:
+        """The kernels' LOSS constexpr: 0 CSD, 1 forward KL, 2 reverse KL."""
+        return KINDS.index(self.kind)
 
     def needs(self, base: int) -> bool:
         """Whether base distribution `base` (0 = S, 1 = T, 2 = U) carries any weight."""
@@ -53,6 +67,13 @@ class CSDSpec:
     @property
     def need_uniform(self) -> bool:
         return self.needs(2)
+
+
+def kl_spec(kind: str, temperature: float) -> LossSpec:
+    """KL(T || S) (kind="forward") or KL(S || T) ("reverse"), both softened by `temperature`."""
+    if kind not in ("forward", "reverse"):
+        raise ValueError(f"kind must be 'forward' or 'reverse', got {kind!r}")
+    return LossSpec((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), temperature, temperature, kind=f"kl-{kind}")
 
 
 def _parse_mixture(item, position: str) -> Mixture:

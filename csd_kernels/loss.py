@@ -1,4 +1,4 @@
-"""Public API: `csd_loss` and the `CSDLoss` module."""
+"""Public API: `csd_loss`, `kl_loss` and their modules `CSDLoss`, `KLLoss`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Optional, Union
 
 import torch
 
-from .autograd import CSDFunction, resolve_backend
-from .contract import CSDSpec, active_positions, check_inputs, parse_weighting, reduce_rows
+from .autograd import LossFunction, resolve_backend
+from .contract import LossSpec, active_positions, check_inputs, kl_spec, parse_weighting, reduce_rows
 
 
 def csd_loss(
@@ -75,40 +75,120 @@ def csd_loss(
         num_items_in_batch=num_items_in_batch,
         backend=backend,
     )
+    spec = LossSpec(*parse_weighting(weighting), temperature, teacher_temperature)
+    return _apply(spec, student_logits, teacher_logits, labels, ignore_index, mask, reduction,
+                  num_items_in_batch, backend, inplace_backward)
+
+
+def _apply(spec, student_logits, teacher_logits, labels, ignore_index, mask, reduction,
+           num_items_in_batch, backend, inplace_backward):
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    w1, w2 = parse_weighting(weighting)
-    spec = CSDSpec(w1, w2, temperature, teacher_temperature)
     backend = resolve_backend(backend, student_logits, teacher_logits)
     lead = student_logits.shape[:-1]
     active = active_positions(lead, student_logits.device, labels, mask, ignore_index)
-    row_loss = CSDFunction.apply(student_logits, teacher_logits, active, spec, backend, inplace_backward)
+    row_loss = LossFunction.apply(student_logits, teacher_logits, active, spec, backend, inplace_backward)
     return reduce_rows(row_loss, active, lead, reduction, num_items_in_batch)
 
 
-class CSDLoss(torch.nn.Module):
-    """`csd_loss` as a module: the keyword arguments are fixed at construction.
+def kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "forward",
+    temperature: float = 1.0,
+    temperature_squared: bool = False,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    mask: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    num_items_in_batch: Union[None, int, torch.Tensor] = None,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """KL divergence between the teacher's and the student's softened distributions, from logits.
+
+    With p_S = softmax(s / temperature) and p_T = softmax(t / temperature) over each row's valid
+    entries::
+
+        kind="forward":  KL(p_T || p_S) = sum_k p_T(k) (log p_T(k) - log p_S(k))   (mode-covering)
+        kind="reverse":  KL(p_S || p_T) = sum_k p_S(k) (log p_S(k) - log p_T(k))   (mode-seeking)
+
+    This is the true KL, not the cross-entropy sum_k p_T log p_S (which differs by the teacher's
+    entropy); it is 0 when the distributions agree. By default the loss is not multiplied by
+    temperature**2; `temperature_squared=True` does (Hinton et al.'s convention, which keeps gradient
+    magnitudes comparable across temperatures).
+
+    Shapes, dtypes, strides, padded teacher vocabularies, -inf entries, `labels`/`mask`, reductions,
+    `num_items_in_batch`, `backend` and `inplace_backward` behave exactly as in `csd_loss`; the same
+    single streaming pass computes it. Returns float32 (float64 for float64 inputs).
+    """
+    temperature, _ = check_inputs(
+        student_logits,
+        teacher_logits,
+        temperature=temperature,
+        labels=labels,
+        ignore_index=ignore_index,
+        mask=mask,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        backend=backend,
+    )
+    if not isinstance(temperature_squared, bool):
+        raise TypeError(f"temperature_squared must be a bool, got {type(temperature_squared).__name__}")
+    loss = _apply(kl_spec(kind, temperature), student_logits, teacher_logits, labels, ignore_index,
+                  mask, reduction, num_items_in_batch, backend, inplace_backward)
+    return loss * temperature**2 if temperature_squared else loss
+
+
+_SHARED_KEYWORDS = {
+    "temperature", "labels", "ignore_index", "mask", "reduction", "num_items_in_batch", "backend",
+    "inplace_backward",
+}
+
+
+class _LossModule(torch.nn.Module):
+    """A loss function as a module: keyword arguments fixed at construction, validated there.
 
     `labels`, `mask` and `num_items_in_batch` may also be given per call to `forward`.
     """
 
+    _function = None
+    _keywords = frozenset()
+
     def __init__(self, **kwargs):
         super().__init__()
-        unknown = set(kwargs) - _KEYWORDS
+        unknown = set(kwargs) - self._keywords
         if unknown:
-            raise TypeError(f"CSDLoss got unknown keyword argument(s) {sorted(unknown)}")
-        # Validate the fixed arguments now rather than at the first training step.
-        parse_weighting(kwargs.get("weighting", "ss"))
+            raise TypeError(f"{type(self).__name__} got unknown keyword argument(s) {sorted(unknown)}")
         self.kwargs = kwargs
+        self._validate()
+
+    def _validate(self):
+        pass
 
     def forward(self, student_logits, teacher_logits, **call_kwargs):
-        return csd_loss(student_logits, teacher_logits, **{**self.kwargs, **call_kwargs})
+        return type(self)._function(student_logits, teacher_logits, **{**self.kwargs, **call_kwargs})
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
 
-_KEYWORDS = {
-    "weighting", "temperature", "teacher_temperature", "labels", "ignore_index", "mask",
-    "reduction", "num_items_in_batch", "backend", "inplace_backward",
-}
+class CSDLoss(_LossModule):
+    """`csd_loss` as an nn.Module, e.g. CSDLoss(weighting="ts", temperature=2.0)."""
+
+    _function = csd_loss
+    _keywords = _SHARED_KEYWORDS | {"weighting", "teacher_temperature"}
+
+    def _validate(self):
+        parse_weighting(self.kwargs.get("weighting", "ss"))
+
+
+class KLLoss(_LossModule):
+    """`kl_loss` as an nn.Module, e.g. KLLoss(kind="reverse", temperature=2.0)."""
+
+    _function = kl_loss
+    _keywords = _SHARED_KEYWORDS | {"kind", "temperature_squared"}
+
+    def _validate(self):
+        kl_spec(self.kwargs.get("kind", "forward"), 1.0)

@@ -29,10 +29,13 @@ def kl_loss(student_logits, teacher_logits, *, kind="forward", temperature=1.0, 
     valid = (s != float("-inf")) & (t != float("-inf"))
     log_p_s = torch.log_softmax(torch.where(valid, s / temperature, float("-inf")), dim=-1)
     log_p_t = torch.log_softmax(torch.where(valid, t / temperature, float("-inf")), dim=-1)
+    # Zero the log-probabilities of masked entries before subtracting them, so that -inf - -inf never
+    # produces a NaN (in the value or, through `where`, in the gradient).
+    safe_log_p_s = torch.where(valid, log_p_s, 0.0)
+    safe_log_p_t = torch.where(valid, log_p_t, 0.0)
     if kind == "forward":
-        p, log_p, log_q = log_p_t.exp(), log_p_t, log_p_s
+        terms = log_p_t.exp() * (safe_log_p_t - safe_log_p_s)
     else:
-        p, log_p, log_q = log_p_s.exp(), log_p_s, log_p_t
-    terms = torch.where(valid, p * (log_p - log_q), 0.0)
+        terms = log_p_s.exp() * (safe_log_p_s - safe_log_p_t)
     row_loss = torch.where(active, terms.sum(-1), 0.0)
     return reduce_rows(row_loss, active, lead, reduction, num_items_in_batch)

@@ -32,9 +32,9 @@ def _seed():
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Shrink the Triton block so that interpreter-sized rows (V of a few hundred) span several blocks."""
-    from csd_kernels.kernels import triton_csd
+    from csd_kernels.kernels import triton_backend
 
-    monkeypatch.setattr(triton_csd, "MAX_BLOCK", 128)
+    monkeypatch.setattr(triton_backend, "MAX_BLOCK", 128)
     return 128
 
 
@@ -46,7 +46,7 @@ def backend(request, small_blocks):
 @pytest.fixture(params=[1, 3], ids=["one-program-per-row", "split-rows"])
 def row_split(request, monkeypatch):
     """Force the Triton forward's programs-per-row (1: in-kernel finalize; 3: partials + merge)."""
-    from csd_kernels.kernels import triton_csd
+    from csd_kernels.kernels import triton_backend
 
-    monkeypatch.setattr(triton_csd, "split_count", lambda *args: request.param)
+    monkeypatch.setattr(triton_backend, "split_count", lambda *args: request.param)
     return request.param

@@ -45,13 +45,15 @@ def compile_all():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from csd_kernels.kernels import triton_csd as k
+    from csd_kernels.kernels import triton_backend as k
 
     target = GPUTarget("cuda", 90, 32)
     compiled = []
     for dtype in ("*bf16", "*fp32"):
-        for need in ((1, 0, 0), (1, 1, 0), (0, 0, 1), (1, 1, 1)):
-            flags = dict(zip(("NEED_S", "NEED_T", "NEED_U"), map(bool, need)))
+        # CSD ("ss", "ts", "uu", a three-way mixture), then forward and reverse KL
+        for need, loss in (((1, 0, 0), 0), ((1, 1, 0), 0), ((0, 0, 1), 0), ((1, 1, 1), 0),
+                           ((1, 1, 0), 1), ((1, 1, 0), 2)):
+            flags = dict(zip(("NEED_S", "NEED_T", "NEED_U"), map(bool, need)), LOSS=loss)
             variants = [
                 (k._csd_fwd_kernel, dict(flags, SPLIT=False, BLOCK=4096), 8),
                 (k._csd_fwd_kernel, dict(flags, SPLIT=True, BLOCK=4096), 8),
@@ -74,7 +76,7 @@ def test_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "compiled 32 kernel variants" in result.stdout
+    assert "compiled 48 kernel variants" in result.stdout
 
 
 if __name__ == "__main__":

@@ -22,6 +22,15 @@ from programs that cover different vocabulary ranges, with shifts c_p, merge exa
 
     M1 += Z_p (c_p - c),   M2 += 2 (c_p - c) M1_p + Z_p (c_p - c)^2,   all scaled by exp(m_p - m).
 
+The KL divergences are functions of the same statistics. With one temperature tau on both sides,
+log p_S(k) - log p_T(k) = d_k / tau - lse_S + lse_T, so
+
+    KL(T || S) = lse_S - lse_T - E_T[d] / tau,     dKL/ds_k = (S(k) - T(k)) / tau
+    KL(S || T) = E_S[d] / tau - lse_S + lse_T,     dKL/ds_k = S(k) (d_k - E_S[d]) / tau^2
+
+(the reverse-KL gradient is CSD's "ss" gradient scaled by 2 / tau^2). A KL call is therefore posed as
+w1 = S, w2 = T, and the backends skip the second moments.
+
 An entry where s or t is -inf lies outside the row's vocabulary: weight 0, gradient 0, not counted in n.
 A row with no valid entry has loss 0.
 

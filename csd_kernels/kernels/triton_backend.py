@@ -1,7 +1,8 @@
-"""Triton kernels for `csd_loss`: one streaming pass over the vocabulary forward, one backward.
+"""Triton kernels for `csd_loss` and `kl_loss`: one streaming pass over the vocabulary forward, one backward.
 
-The maths (moments of d = s - t under the base distributions S, T, U, merged online) is derived in
-`stats.py`. Here:
+The maths (moments of d = s - t under the base distributions S, T, U, merged online, and CSD, KL(T||S)
+and KL(S||T) as functions of them) is derived in `stats.py`. The constexpr LOSS selects the loss
+(0 CSD, 1 forward KL, 2 reverse KL); NEED_S/T/U select the base distributions. Here:
 
     forward   grid (N, P): program (row, p) streams columns [p * cols, (p + 1) * cols) of one row in
               BLOCK-wide chunks and keeps online softmax moments for S and/or T and plain moments for U.
@@ -9,7 +10,8 @@ The maths (moments of d = s - t under the base distributions S, T, U, merged onl
               P > 1 (few rows, long vocabulary): it writes 12 partial statistics and `_csd_merge_kernel`
               (grid (N,)) merges the P partials of each row. Deterministic: fixed merge order, no atomics.
     backward  grid (N, cdiv(V, BLOCK)): each program recomputes S(k), T(k), U(k) for one block from the
-              row statistics and writes grad_rows[row] * 1/2 (w2 (d - E_w1) + w1 (d - E_w2)).
+              row statistics and writes grad_rows[row] times the loss's gradient, for CSD
+              1/2 (w2 (d - E_w1) + w1 (d - E_w2)).
 
 Bytes moved per vocabulary element, bf16 inputs: forward reads s and t (4 B), backward reads s and t
 and writes the gradient (6 B): 10 B in all, the floor the benchmarks compare against. Statistics are
@@ -34,11 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import CSDSpec
+from ..contract import LossSpec
 from . import stats as st
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 NUM_PARTIALS = 12  # shift, (m, Z, M1, M2) for S, the same for T, (n, M1, M2) for U
 
 
@@ -63,7 +65,7 @@ def _load_block(s_row, t_row, cols, stop):
 
 
 @triton.jit
-def _online_moments(x, valid, dd, m, z, m1, m2):
+def _online_moments(x, valid, dd, m, z, m1, m2, SECOND_MOMENT: tl.constexpr):
     # x is in log2 units. A row with no valid entry so far keeps m = -inf; subtract 0 in that case so
     # that exp2(-inf - -inf) never produces NaN.
     x = tl.where(valid, x, float("-inf"))
@@ -74,7 +76,8 @@ def _online_moments(x, valid, dd, m, z, m1, m2):
     pd = p * dd
     z = z * alpha + tl.sum(p, axis=0)
     m1 = m1 * alpha + tl.sum(pd, axis=0)
-    m2 = m2 * alpha + tl.sum(pd * dd, axis=0)
+    if SECOND_MOMENT:
+        m2 = m2 * alpha + tl.sum(pd * dd, axis=0)
     return m_new, z, m1, m2
 
 
@@ -111,8 +114,8 @@ def _mix(a_s, a_t, a_u, v_s, v_t, v_u, NEED_S: tl.constexpr, NEED_T: tl.constexp
 def _finalize(
     row, loss_ptr, stats_ptr, shift, n,
     m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2,
-    a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
-    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr,
+    inv_temp, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
 ):
     empty = n == 0.0
     inv_n = tl.where(empty, 0.0, 1.0 / tl.maximum(n, 1.0))
@@ -124,16 +127,23 @@ def _finalize(
     q_u = u2 * inv_n
     e1 = _mix(a1_s, a1_t, a1_u, e_s, e_t, e_u, NEED_S, NEED_T, NEED_U)
     e2 = _mix(a2_s, a2_t, a2_u, e_s, e_t, e_u, NEED_S, NEED_T, NEED_U)
-    q1 = _mix(a1_s, a1_t, a1_u, q_s, q_t, q_u, NEED_S, NEED_T, NEED_U)
-    q2 = _mix(a2_s, a2_t, a2_u, q_s, q_t, q_u, NEED_S, NEED_T, NEED_U)
-    loss = 0.25 * ((q1 - e1 * e1) + (q2 - e2 * e2) + (e1 - e2) * (e1 - e2))
+    lse_s = (m_s + tl.log2(z_s)) * LN2
+    lse_t = (m_t + tl.log2(z_t)) * LN2
+    if LOSS == 0:  # CSD
+        q1 = _mix(a1_s, a1_t, a1_u, q_s, q_t, q_u, NEED_S, NEED_T, NEED_U)
+        q2 = _mix(a2_s, a2_t, a2_u, q_s, q_t, q_u, NEED_S, NEED_T, NEED_U)
+        loss = 0.25 * ((q1 - e1 * e1) + (q2 - e2 * e2) + (e1 - e2) * (e1 - e2))
+    elif LOSS == 1:  # KL(T || S); here w1 = S, w2 = T and log p_S - log p_T = d / tau - lse_S + lse_T
+        loss = (lse_s - lse_t) - (e2 + shift) * inv_temp
+    else:  # KL(S || T)
+        loss = (e1 + shift) * inv_temp - (lse_s - lse_t)
     # Rounding can leave a tiny negative variance; `where` (unlike maximum) keeps NaN visible.
     loss = tl.where(loss < 0.0, 0.0, loss)
     loss = tl.where(empty, 0.0, loss)
     stats_row = stats_ptr + row * 6
     tl.store(loss_ptr + row, loss)
-    tl.store(stats_row + 0, (m_s + tl.log2(z_s)) * 0.6931471805599453)
-    tl.store(stats_row + 1, (m_t + tl.log2(z_t)) * 0.6931471805599453)
+    tl.store(stats_row + 0, lse_s)
+    tl.store(stats_row + 1, lse_t)
     tl.store(stats_row + 2, tl.where(empty, 0.0, e1))
     tl.store(stats_row + 3, tl.where(empty, 0.0, e2))
     tl.store(stats_row + 4, shift)
@@ -162,7 +172,7 @@ def _csd_fwd_kernel(
     s_scale, t_scale,
     # weighting: (S, T, U) coefficients of w1 and w2
     a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
-    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -194,9 +204,9 @@ def _csd_fwd_kernel(
         dd = tl.where(valid, s - t - shift, 0.0)
         n += tl.sum(valid.to(tl.float32), axis=0)
         if NEED_S:
-            m_s, z_s, m1_s, m2_s = _online_moments(s * s_scale, valid, dd, m_s, z_s, m1_s, m2_s)
+            m_s, z_s, m1_s, m2_s = _online_moments(s * s_scale, valid, dd, m_s, z_s, m1_s, m2_s, LOSS == 0)
         if NEED_T:
-            m_t, z_t, m1_t, m2_t = _online_moments(t * t_scale, valid, dd, m_t, z_t, m1_t, m2_t)
+            m_t, z_t, m1_t, m2_t = _online_moments(t * t_scale, valid, dd, m_t, z_t, m1_t, m2_t, LOSS == 0)
         if NEED_U:
             u1 += tl.sum(dd, axis=0)
             u2 += tl.sum(dd * dd, axis=0)
@@ -219,7 +229,7 @@ def _csd_fwd_kernel(
         _finalize(
             row, loss_ptr, stats_ptr, shift, n,
             m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2,
-            a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U,
+            s_scale * LN2, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U, LOSS,
         )
 
 
@@ -227,8 +237,10 @@ def _csd_fwd_kernel(
 def _csd_merge_kernel(
     part_ptr, active_ptr, loss_ptr, stats_ptr,
     P,
+    s_scale, t_scale,
     a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
-    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, BLOCK_P: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     if tl.load(active_ptr + row) == 0:
@@ -249,7 +261,7 @@ def _csd_merge_kernel(
     _finalize(
         row, loss_ptr, stats_ptr, shift, n,
         m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2,
-        a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U,
+        s_scale * LN2, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U, LOSS,
     )
 
 
@@ -264,7 +276,8 @@ def _csd_bwd_kernel(
     # log2(e) / temperature and log2(e) / teacher_temperature
     s_scale, t_scale,
     a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
-    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, BLOCK: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -274,13 +287,13 @@ def _csd_bwd_kernel(
         return
 
     stats_row = stats_ptr + row * 6
-    lse_s = tl.load(stats_row + 0) * 1.4426950408889634
-    lse_t = tl.load(stats_row + 1) * 1.4426950408889634
+    lse_s = tl.load(stats_row + 0) * LOG2E
+    lse_t = tl.load(stats_row + 1) * LOG2E
     e1 = tl.load(stats_row + 2)
     e2 = tl.load(stats_row + 3)
     shift = tl.load(stats_row + 4)
     inv_n = tl.load(stats_row + 5)
-    scale = 0.5 * tl.load(grow_ptr + row * grow_stride).to(tl.float32)
+    upstream = tl.load(grow_ptr + row * grow_stride).to(tl.float32)
 
     s, t, valid = _load_block(
         _row_base(s_ptr, row, L1, s_so, s_si), _row_base(t_ptr, row, L1, t_so, t_si), cols, V
@@ -288,9 +301,15 @@ def _csd_bwd_kernel(
     dd = s - t - shift
     p_s = tl.exp2(s * s_scale - lse_s)
     p_t = tl.exp2(t * t_scale - lse_t)
-    w1 = _mix(a1_s, a1_t, a1_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
-    w2 = _mix(a2_s, a2_t, a2_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
-    g = scale * (w2 * (dd - e1) + w1 * (dd - e2))
+    if LOSS == 0:  # CSD: 1/2 (w2 (d - E_w1) + w1 (d - E_w2))
+        w1 = _mix(a1_s, a1_t, a1_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
+        w2 = _mix(a2_s, a2_t, a2_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
+        g = (0.5 * upstream) * (w2 * (dd - e1) + w1 * (dd - e2))
+    elif LOSS == 1:  # KL(T || S): (p_S - p_T) / tau
+        g = (upstream * s_scale * LN2) * (p_s - p_t)
+    else:  # KL(S || T): p_S (d - E_S[d]) / tau^2
+        inv_temp = s_scale * LN2
+        g = (upstream * inv_temp * inv_temp) * p_s * (dd - e1)
     g = tl.where(valid, g, 0.0)
     tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V)
 
@@ -371,24 +390,25 @@ def _rows(*tensors: torch.Tensor):
     return tensors, l1, strides
 
 
-def _launch_constants(spec: CSDSpec):
+def _launch_constants(spec: LossSpec):
     return (
-        LOG2E / spec.temperature,
-        LOG2E / spec.teacher_temperature,
+        LOG2E.value / spec.temperature,
+        LOG2E.value / spec.teacher_temperature,
         *spec.w1,
         *spec.w2,
     )
 
 
-def _flags(spec: CSDSpec):
-    return dict(NEED_S=spec.need_student, NEED_T=spec.need_teacher, NEED_U=spec.need_uniform)
+def _flags(spec: LossSpec):
+    return dict(NEED_S=spec.need_student, NEED_T=spec.need_teacher, NEED_U=spec.need_uniform,
+                LOSS=spec.kind_code)
 
 
-def csd_forward(
+def forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     active: torch.Tensor,
-    spec: CSDSpec,
+    spec: LossSpec,
     splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-position loss (N,) fp32 and row statistics (N, 6) fp32. `splits` overrides the heuristic."""
@@ -415,19 +435,19 @@ def csd_forward(
     )
     if parts > 1:
         _csd_merge_kernel[(n_rows,)](
-            partials, active, loss, stats, parts, *constants[2:],
+            partials, active, loss, stats, parts, *constants,
             BLOCK_P=triton.next_power_of_2(parts), num_warps=1, **_flags(spec),
         )
     return loss, stats
 
 
-def csd_backward(
+def backward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     active: torch.Tensor,
     stats: torch.Tensor,
     grad_rows: torch.Tensor,
-    spec: CSDSpec,
+    spec: LossSpec,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gradient w.r.t. `student`, scaled per row by `grad_rows` (N,), written into `out` if given."""

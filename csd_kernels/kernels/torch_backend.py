@@ -1,4 +1,4 @@
-"""The PyTorch backend of `csd_loss`: the streaming pass of `stats.py`, in vocabulary chunks.
+"""The PyTorch backend of `csd_loss` and `kl_loss`: the streaming pass of `stats.py`, in vocabulary chunks.
 
 Works on any device and dtype. It materialises only (N, chunk) temporaries, never an (N, V) one besides
 the gradient itself, so its extra memory is the gradient plus O(N * chunk). It is the CPU path, the
@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..contract import CSDSpec
+from ..contract import LossSpec
 from . import stats as st
 
 # Each temporary of the chunk loop holds N * chunk elements, and about ten are alive at once. On a CPU,
@@ -54,7 +54,8 @@ def _chunks(student, teacher, n_rows, dtype):
 class _OnlineMoments:
     """Running (max, Z, M1, M2) of one softmax base distribution over a row, chunk by chunk."""
 
-    def __init__(self, n_rows, dtype, device):
+    def __init__(self, n_rows, dtype, device, second_moment: bool):
+        self.second_moment = second_moment
         self.m = torch.full((n_rows,), -math.inf, dtype=dtype, device=device)
         self.z = torch.zeros(n_rows, dtype=dtype, device=device)
         self.m1 = torch.zeros_like(self.z)
@@ -70,7 +71,8 @@ class _OnlineMoments:
         pd = p * dd
         self.z = self.z * alpha + p.sum(-1)
         self.m1 = self.m1 * alpha + pd.sum(-1)
-        self.m2 = self.m2 * alpha + (pd * dd).sum(-1)
+        if self.second_moment:
+            self.m2 = self.m2 * alpha + (pd * dd).sum(-1)
         self.m = m_new
 
     def lse_and_moments(self):
@@ -86,16 +88,18 @@ def _mix(coeffs, means):
     return total
 
 
-def csd_forward(
-    student: torch.Tensor, teacher: torch.Tensor, active: torch.Tensor, spec: CSDSpec
+def forward(
+    student: torch.Tensor, teacher: torch.Tensor, active: torch.Tensor, spec: LossSpec
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-position loss (N,) and row statistics (N, NUM_STATS) for `csd_backward`, in the compute dtype."""
+    """Per-position loss (N,) and row statistics (N, NUM_STATS) for `backward`, in the compute dtype."""
     n_rows = active.numel()
     dtype = _compute_dtype(student, teacher)
     device = student.device
     zeros = torch.zeros(n_rows, dtype=dtype, device=device)
+    csd = spec.kind == "csd"  # the KL divergences need no second moment
     bases = [
-        _OnlineMoments(n_rows, dtype, device) if spec.needs(b) else None for b in (0, 1)
+        _OnlineMoments(n_rows, dtype, device, second_moment=csd) if spec.needs(b) else None
+        for b in (0, 1)
     ]
     count, u1, u2, shift = zeros, zeros, zeros, None
     scales = (1.0 / spec.temperature, 1.0 / spec.teacher_temperature)
@@ -130,8 +134,15 @@ def csd_forward(
     squares.append(u2 * inv_n)
 
     e1, e2 = _mix(spec.w1, means), _mix(spec.w2, means)
-    q1, q2 = _mix(spec.w1, squares), _mix(spec.w2, squares)
-    loss = 0.25 * ((q1 - e1 * e1) + (q2 - e2 * e2) + (e1 - e2) ** 2)
+    if csd:
+        q1, q2 = _mix(spec.w1, squares), _mix(spec.w2, squares)
+        loss = 0.25 * ((q1 - e1 * e1) + (q2 - e2 * e2) + (e1 - e2) ** 2)
+    else:  # KL spec: w1 = S, w2 = T, one temperature; log p_S - log p_T = d / tau - lse_S + lse_T
+        lse_gap = stats[:, st.LSE_S] - stats[:, st.LSE_T]
+        if spec.kind == "kl-forward":
+            loss = lse_gap - (e2 + shift) / spec.temperature
+        else:
+            loss = (e1 + shift) / spec.temperature - lse_gap
     # Rounding can leave a tiny negative variance; `where` (unlike clamp) keeps NaN visible.
     loss = torch.where(loss < 0, 0.0, loss)
     keep = active & (count > 0)
@@ -143,13 +154,13 @@ def csd_forward(
     return loss, stats
 
 
-def csd_backward(
+def backward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     active: torch.Tensor,
     stats: torch.Tensor,
     grad_rows: torch.Tensor,
-    spec: CSDSpec,
+    spec: LossSpec,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gradient w.r.t. `student`, scaled per row by `grad_rows` (N,), written into `out` if given."""
@@ -168,9 +179,14 @@ def csd_backward(
             for b, (logits, temp, lse_b) in enumerate(zip((s, t), temps, lse))
         ]
         bases.append(col(st.INV_N) if spec.need_uniform else None)
-        w1 = _mix(spec.w1, bases)
-        w2 = _mix(spec.w2, bases)
-        g = 0.5 * scale * (w2 * (dd - col(st.E_W1)) + w1 * (dd - col(st.E_W2)))
+        if spec.kind == "csd":
+            w1 = _mix(spec.w1, bases)
+            w2 = _mix(spec.w2, bases)
+            g = 0.5 * scale * (w2 * (dd - col(st.E_W1)) + w1 * (dd - col(st.E_W2)))
+        elif spec.kind == "kl-forward":
+            g = scale * (bases[0] - bases[1]) / spec.temperature
+        else:
+            g = scale * bases[0] * (dd - col(st.E_W1)) / spec.temperature**2
         g = torch.where(valid & active[:, None], g, 0.0)
         out[..., start:stop] = g.view(*student.shape[:-1], stop - start)
     return out

@@ -39,6 +39,10 @@ def _measure(provider: str, rows: int, vocab: int, dtype_name: str) -> dict:
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     fn = PROVIDERS[provider].make()
+    # Warm up on a tiny input first: lazy imports, autograd's worker threads and the thread pools
+    # allocate once per process, and that is not the loss's memory.
+    tiny = torch.randn(2, 64, dtype=dtype, requires_grad=True)
+    fn(tiny, torch.randn(2, 64, dtype=dtype)).backward()
     student = torch.empty(rows, vocab, dtype=dtype).normal_().requires_grad_(True)
     teacher = torch.empty(rows, vocab, dtype=dtype).normal_()
     with open("/proc/self/clear_refs", "w") as refs:

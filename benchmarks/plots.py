@@ -1,7 +1,8 @@
 """Plots and a markdown table drawn from a benchmark CSV (never from numbers typed by hand).
 
-Usage: python -m benchmarks.plots benchmarks/results/<run>/results.csv
-Writes time_vs_vocab.png, memory_vs_vocab.png and table.md beside the CSV.
+Usage: python -m benchmarks.plots benchmarks/results/<run>/results.csv [--readme]
+Writes time_vs_vocab.png, memory_vs_vocab.png and table.md beside the CSV; with --readme, also copies
+the table into README.md between the markers <!-- results:<run> --> and <!-- /results:<run> -->.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def plot(rows, metric: str, mode: str, ylabel: str, scale: float, out: str, titl
     import matplotlib.pyplot as plt
 
     selected = _ok(rows, metric, mode)
-    panels = sorted({(r["dtype"], int(r["N"])) for r in selected})
+    # Panels for the swept shapes only (a lone memory-only case, like the CPU memory target, is not one).
+    swept = {(r["dtype"], int(r["N"])) for r in _ok(rows, "time", mode)}
+    panels = sorted({(r["dtype"], int(r["N"])) for r in selected} & swept)
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
@@ -56,7 +59,12 @@ def plot(rows, metric: str, mode: str, ylabel: str, scale: float, out: str, titl
         ax.set_ylabel(ylabel)
         ax.set_title(f"N = {n}, {dtype}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    labelled = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    axes[0][-1].legend(list(labelled.values()), list(labelled), fontsize=8, loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(f"{title} ({rows[0]['device']}, commit {rows[0]['commit']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110, bbox_inches="tight")
@@ -92,7 +100,7 @@ def table(rows, n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(path: str, table_rows_n=None) -> List[str]:
+def render(path: str) -> List[str]:
     rows = load(path)
     folder = os.path.dirname(path)
     written = []
@@ -104,9 +112,7 @@ def render(path: str, table_rows_n=None) -> List[str]:
         plot(rows, metric, "full", label, scale, out, title)
         if os.path.exists(out):
             written.append(out)
-    sizes = sorted({int(r["N"]) for r in rows if r["N"] and int(r["N"]) > 0})
-    n = table_rows_n if table_rows_n in sizes else (8192 if 8192 in sizes else max(sizes, default=0))
-    md = table(rows, n)
+    md = table(rows, _table_rows(rows))
     out = os.path.join(folder, "table.md")
     with open(out, "w") as f:
         f.write(md)
@@ -114,6 +120,42 @@ def render(path: str, table_rows_n=None) -> List[str]:
     return written
 
 
+def memory_target_line(rows) -> str:
+    """The foundation issue's CPU memory target, read from the CSV if the run measured it."""
+    for r in rows:
+        if (r["metric"] == "extra_memory_over_grad" and r["provider"] == "csd-ss" and r["N"] == "8192"
+                and r["V"] == "32000" and r["dtype"] == "float32" and r["status"] == "ok"):
+            extra = next(float(x["p50"]) for x in rows if x["metric"] == "extra_memory"
+                         and x["provider"] == "csd-ss" and x["N"] == "8192" and x["V"] == "32000")
+            return (f"`csd_loss(backend=\"torch\")` forward + backward at (8192, 32000) fp32 on "
+                    f"{r['device']}: {extra / 1e6:.0f} MB extra peak memory, {float(r['p50']):.2f}x "
+                    f"the size of its gradient (target: below 1.5x).\n")
+    return ""
+
+
+def update_readme(csv_path: str, readme: str) -> None:
+    run = os.path.basename(os.path.dirname(os.path.abspath(csv_path)))
+    begin, end = f"<!-- results:{run} -->", f"<!-- /results:{run} -->"
+    text = open(readme).read()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} markers")
+    rows = load(csv_path)
+    body = table(rows, _table_rows(rows)) + "\n" + memory_target_line(rows)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(readme, "w") as f:
+        f.write(f"{head}{begin}\n{body}{end}{tail}")
+
+
+def _table_rows(rows, preferred=8192) -> int:
+    sizes = sorted({int(r["N"]) for r in rows if r["N"] and int(r["N"]) > 0
+                    and r["metric"] == "time"})
+    return preferred if preferred in sizes else max(sizes, default=0)
+
+
 if __name__ == "__main__":
     for written in render(sys.argv[1]):
         print("wrote", written)
+    if "--readme" in sys.argv[2:]:
+        update_readme(sys.argv[1], os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"))
+        print("updated README.md")

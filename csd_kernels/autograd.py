@@ -64,23 +64,27 @@ def backend_module(name: str) -> ModuleType:
 
 
 class LossFunction(torch.autograd.Function):
-    """(student, teacher, active) -> per-position loss (N,) of `spec.kind`; gradient for `student` only."""
+    """(student, teacher, active, labels) -> per-position total loss (N,) and, if asked, the detached
+    components (2, N) = [loss, cross-entropy] (an empty tensor otherwise). Gradient for `student` only."""
 
     @staticmethod
-    def forward(ctx, student, teacher, active, spec: LossSpec, backend: str, inplace_backward: bool):
+    def forward(ctx, student, teacher, active, labels, spec: LossSpec, backend: str,
+                inplace_backward: bool, components: bool):
         kernels = backend_module(backend)
-        loss, stats = kernels.forward(student, teacher, active, spec)
-        ctx.save_for_backward(student, teacher, active, stats)
+        total, parts, stats = kernels.forward(student, teacher, active, labels, spec, components)
+        ctx.save_for_backward(student, teacher, active, labels, stats)
         ctx.spec, ctx.backend, ctx.inplace_backward = spec, backend, inplace_backward
-        return loss
+        parts = parts if parts is not None else total.new_empty(0)
+        ctx.mark_non_differentiable(parts)
+        return total, parts
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        student, teacher, active, stats = ctx.saved_tensors
+    def backward(ctx, grad_rows, _grad_parts):
+        student, teacher, active, labels, stats = ctx.saved_tensors
         kernels = backend_module(ctx.backend)
         out = student if ctx.inplace_backward else None
-        grad = kernels.backward(student, teacher, active, stats, grad_rows, ctx.spec, out=out)
+        grad = kernels.backward(student, teacher, active, labels, stats, grad_rows, ctx.spec, out=out)
         if ctx.inplace_backward:
             # The logits now hold their gradient: any other saved use of them must fail loudly.
             torch.autograd.graph.increment_version(student)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None

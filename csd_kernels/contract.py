@@ -46,6 +46,12 @@ class LossSpec:
     temperature: float
     teacher_temperature: float
     kind: str = "csd"
+    csd_weight: float = 1.0  # total = csd_weight * CSD + ce_weight * CE (hard-label cross-entropy)
+    ce_weight: float = 0.0
+
+    @property
+    def has_ce(self) -> bool:
+        return self.ce_weight > 0.0
 
     @property
     def kind_code(self) -> int:
@@ -146,6 +152,26 @@ def _check_temperature(name: str, value) -> float:
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
+
+
+def check_loss_weight(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """The opt-in host check (`validate_labels=True`): it synchronises with the device."""
+    counted = labels[labels != ignore_index]
+    bad = counted[(counted < 0) | (counted >= vocab)]
+    if bad.numel():
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; got "
+            f"{bad.numel()} out of range, e.g. {bad[:5].tolist()}"
+        )
 
 
 def _check_logits(name: str, x) -> None:

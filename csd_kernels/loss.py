@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
 from .autograd import LossFunction, resolve_backend
-from .contract import LossSpec, active_positions, check_inputs, kl_spec, parse_weighting, reduce_rows
+from .contract import (
+    LossSpec,
+    active_positions,
+    check_inputs,
+    check_labels_in_range,
+    check_loss_weight,
+    kl_spec,
+    parse_weighting,
+    reduce_rows,
+)
 
 
 def csd_loss(
@@ -24,7 +33,11 @@ def csd_loss(
     num_items_in_batch: Union[None, int, torch.Tensor] = None,
     backend: str = "auto",
     inplace_backward: bool = False,
-) -> torch.Tensor:
+    ce_weight: float = 0.0,
+    csd_weight: float = 1.0,
+    return_components: bool = False,
+    validate_labels: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Concrete Score Distillation loss between student and teacher logits.
 
     For each position, with d = s - t (fp32) over the student's V_s entries and weights (w1, w2)::
@@ -55,6 +68,17 @@ def csd_loss(
             a later read of them): their version counter is bumped, so autograd raises if a saved
             copy is used afterwards, but a plain later read sees the gradient.
 
+        ce_weight: with `labels`, add ce_weight times the usual hard-label cross-entropy of the student
+            logits (temperature 1, every finite student entry, same positions, reduction and
+            denominator), computed in the same pass over the logits and differentiated in the same
+            backward: the result is csd_weight * CSD + ce_weight * CE.
+        csd_weight: the weight of the CSD term.
+        return_components: return (total, csd, ce), with `csd` and `ce` detached (for logging) and
+            reduced like `total`; `ce` is 0 when ce_weight is 0.
+        validate_labels: check on the host that every counted label lies in [0, V_s) and raise a
+            ValueError otherwise. This synchronises with the device, so it is off by default; an
+            out-of-range label then makes that position's cross-entropy (and gradient) NaN.
+
     Entries where the student or teacher logit is -inf lie outside that row's vocabulary (zero weight,
     zero gradient, U counts only the rest). NaN in a counted position propagates to the loss. Excluded
     positions are never read. An empty batch or all positions excluded gives exactly 0.
@@ -75,20 +99,36 @@ def csd_loss(
         num_items_in_batch=num_items_in_batch,
         backend=backend,
     )
-    spec = LossSpec(*parse_weighting(weighting), temperature, teacher_temperature)
+    ce_weight = check_loss_weight("ce_weight", ce_weight)
+    csd_weight = check_loss_weight("csd_weight", csd_weight)
+    for name, flag in (("return_components", return_components), ("validate_labels", validate_labels)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if ce_weight > 0 and labels is None:
+        raise ValueError(f"ce_weight={ce_weight} needs `labels` (the targets of the cross-entropy)")
+    if validate_labels and labels is not None:
+        check_labels_in_range(labels, student_logits.shape[-1], ignore_index)
+    spec = LossSpec(*parse_weighting(weighting), temperature, teacher_temperature,
+                    csd_weight=csd_weight, ce_weight=ce_weight)
     return _apply(spec, student_logits, teacher_logits, labels, ignore_index, mask, reduction,
-                  num_items_in_batch, backend, inplace_backward)
+                  num_items_in_batch, backend, inplace_backward, return_components)
 
 
 def _apply(spec, student_logits, teacher_logits, labels, ignore_index, mask, reduction,
-           num_items_in_batch, backend, inplace_backward):
+           num_items_in_batch, backend, inplace_backward, return_components=False):
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     backend = resolve_backend(backend, student_logits, teacher_logits)
     lead = student_logits.shape[:-1]
     active = active_positions(lead, student_logits.device, labels, mask, ignore_index)
-    row_loss = LossFunction.apply(student_logits, teacher_logits, active, spec, backend, inplace_backward)
-    return reduce_rows(row_loss, active, lead, reduction, num_items_in_batch)
+    total, parts = LossFunction.apply(student_logits, teacher_logits, active,
+                                      labels if spec.has_ce else None, spec, backend, inplace_backward,
+                                      return_components)
+    loss = reduce_rows(total, active, lead, reduction, num_items_in_batch)
+    if not return_components:
+        return loss
+    csd, ce = (reduce_rows(part, active, lead, reduction, num_items_in_batch) for part in parts)
+    return loss, csd, ce
 
 
 def kl_loss(
@@ -175,10 +215,11 @@ class _LossModule(torch.nn.Module):
 
 
 class CSDLoss(_LossModule):
-    """`csd_loss` as an nn.Module, e.g. CSDLoss(weighting="ts", temperature=2.0)."""
+    """`csd_loss` as an nn.Module, e.g. CSDLoss(weighting="ts", temperature=2.0, ce_weight=0.5)."""
 
     _function = csd_loss
-    _keywords = _SHARED_KEYWORDS | {"weighting", "teacher_temperature"}
+    _keywords = _SHARED_KEYWORDS | {"weighting", "teacher_temperature", "ce_weight", "csd_weight",
+                                    "return_components", "validate_labels"}
 
     def _validate(self):
         parse_weighting(self.kwargs.get("weighting", "ss"))

@@ -14,8 +14,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_POINTER_TYPES = {"active_ptr": "*i1"}
-_FLOAT_ARGS = {"s_scale", "t_scale", "a1_s", "a1_t", "a1_u", "a2_s", "a2_t", "a2_u"}
+_POINTER_TYPES = {"active_ptr": "*i1", "labels_ptr": "*i64"}
+_FLOAT_ARGS = {"s_scale", "t_scale", "a1_s", "a1_t", "a1_u", "a2_s", "a2_t", "a2_u", "csd_weight", "ce_weight"}
 
 
 def _signature(kernel, dtype, constexprs):
@@ -50,15 +50,16 @@ def compile_all():
     target = GPUTarget("cuda", 90, 32)
     compiled = []
     for dtype in ("*bf16", "*fp32"):
-        # CSD ("ss", "ts", "uu", a three-way mixture), then forward and reverse KL
-        for need, loss in (((1, 0, 0), 0), ((1, 1, 0), 0), ((0, 0, 1), 0), ((1, 1, 1), 0),
-                           ((1, 1, 0), 1), ((1, 1, 0), 2)):
-            flags = dict(zip(("NEED_S", "NEED_T", "NEED_U"), map(bool, need)), LOSS=loss)
+        # CSD ("ss", "ts", "uu", a three-way mixture, "ss" + cross-entropy with components), then
+        # forward and reverse KL
+        for need, loss, ce in (((1, 0, 0), 0, 0), ((1, 1, 0), 0, 0), ((0, 0, 1), 0, 0), ((1, 1, 1), 0, 0),
+                               ((1, 0, 0), 0, 1), ((1, 1, 0), 1, 0), ((1, 1, 0), 2, 0)):
+            flags = dict(zip(("NEED_S", "NEED_T", "NEED_U"), map(bool, need)), LOSS=loss, CE=bool(ce))
             variants = [
-                (k._csd_fwd_kernel, dict(flags, SPLIT=False, BLOCK=4096), 8),
-                (k._csd_fwd_kernel, dict(flags, SPLIT=True, BLOCK=4096), 8),
-                (k._csd_merge_kernel, dict(flags, BLOCK_P=8), 1),
-                (k._csd_bwd_kernel, dict(flags, BLOCK=4096), 8),
+                (k._fwd_kernel, dict(flags, COMPONENTS=bool(ce), SPLIT=False, BLOCK=4096), 8),
+                (k._fwd_kernel, dict(flags, COMPONENTS=bool(ce), SPLIT=True, BLOCK=4096), 8),
+                (k._merge_kernel, dict(flags, COMPONENTS=bool(ce), BLOCK_P=8), 1),
+                (k._bwd_kernel, dict(flags, BLOCK=4096), 8),
             ]
             for kernel, constexprs, warps in variants:
                 source = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs),
@@ -76,7 +77,7 @@ def test_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "compiled 48 kernel variants" in result.stdout
+    assert "compiled 56 kernel variants" in result.stdout
 
 
 if __name__ == "__main__":

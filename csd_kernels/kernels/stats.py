@@ -31,6 +31,10 @@ log p_S(k) - log p_T(k) = d_k / tau - lse_S + lse_T, so
 (the reverse-KL gradient is CSD's "ss" gradient scaled by 2 / tau^2). A KL call is therefore posed as
 w1 = S, w2 = T, and the backends skip the second moments.
 
+The hard-label cross-entropy fused into the same pass (`ce_weight`) is the usual one, over every finite
+student entry at temperature 1: CE = lse_1(s) - s[label], dCE/ds_k = softmax(s)_k - [k = label]. It
+needs one more running log-sum-exp and one load of s[label] per row.
+
 An entry where s or t is -inf lies outside the row's vocabulary: weight 0, gradient 0, not counted in n.
 A row with no valid entry has loss 0.
 
@@ -43,4 +47,5 @@ E_W1 = 2  # E_w1[d - c]
 E_W2 = 3  # E_w2[d - c]
 SHIFT = 4  # c
 INV_N = 5  # 1 / n (0 for an empty row)
-NUM_STATS = 6
+LSE_1 = 6  # log-sum-exp of s at temperature 1 over the student's finite entries (cross-entropy only)
+NUM_STATS = 8  # 7 used; rows of 32 bytes

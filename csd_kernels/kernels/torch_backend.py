@@ -52,10 +52,12 @@ def _chunks(student, teacher, n_rows, dtype):
 
 
 class _OnlineMoments:
-    """Running (max, Z, M1, M2) of one softmax base distribution over a row, chunk by chunk."""
+    """Running (max, Z, M1, M2) of one softmax distribution over a row, chunk by chunk.
 
-    def __init__(self, n_rows, dtype, device, second_moment: bool):
-        self.second_moment = second_moment
+    moments=0 keeps only the log-sum-exp (the cross-entropy's normaliser), 1 adds M1, 2 adds M2."""
+
+    def __init__(self, n_rows, dtype, device, moments: int):
+        self.moments = moments
         self.m = torch.full((n_rows,), -math.inf, dtype=dtype, device=device)
         self.z = torch.zeros(n_rows, dtype=dtype, device=device)
         self.m1 = torch.zeros_like(self.z)
@@ -68,10 +70,11 @@ class _OnlineMoments:
         m_safe = torch.where(m_new == -math.inf, 0.0, m_new)
         alpha = torch.exp(self.m - m_safe)
         p = torch.exp(x - m_safe[:, None])
-        pd = p * dd
         self.z = self.z * alpha + p.sum(-1)
-        self.m1 = self.m1 * alpha + pd.sum(-1)
-        if self.second_moment:
+        if self.moments >= 1:
+            pd = p * dd
+            self.m1 = self.m1 * alpha + pd.sum(-1)
+        if self.moments >= 2:
             self.m2 = self.m2 * alpha + (pd * dd).sum(-1)
         self.m = m_new
 
@@ -88,19 +91,38 @@ def _mix(coeffs, means):
     return total
 
 
+def _label_logits(student, labels, n_rows, vocab, dtype):
+    """s[label] per row (N,), NaN where the label is outside [0, V) (documented: no host check)."""
+    labels = labels.reshape(n_rows)
+    in_range = (labels >= 0) & (labels < vocab)
+    index = torch.where(in_range, labels, 0).view(*student.shape[:-1], 1)
+    picked = student.gather(-1, index).reshape(n_rows).to(dtype)  # reads one entry per row
+    return torch.where(in_range, picked, math.nan), labels, in_range
+
+
 def forward(
-    student: torch.Tensor, teacher: torch.Tensor, active: torch.Tensor, spec: LossSpec
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-position loss (N,) and row statistics (N, NUM_STATS) for `backward`, in the compute dtype."""
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    active: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    spec: LossSpec,
+    components: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(total (N,), components (2, N) = [loss, CE] or None, row statistics (N, NUM_STATS)).
+
+    Everything is in the compute dtype; `total` is csd_weight * loss + ce_weight * CE (just the loss
+    without CE), and excluded positions are 0."""
     n_rows = active.numel()
+    vocab = student.shape[-1]
     dtype = _compute_dtype(student, teacher)
     device = student.device
     zeros = torch.zeros(n_rows, dtype=dtype, device=device)
     csd = spec.kind == "csd"  # the KL divergences need no second moment
     bases = [
-        _OnlineMoments(n_rows, dtype, device, second_moment=csd) if spec.needs(b) else None
+        _OnlineMoments(n_rows, dtype, device, moments=2 if csd else 1) if spec.needs(b) else None
         for b in (0, 1)
     ]
+    ce_lse = _OnlineMoments(n_rows, dtype, device, moments=0) if spec.has_ce else None
     count, u1, u2, shift = zeros, zeros, zeros, None
     scales = (1.0 / spec.temperature, 1.0 / spec.teacher_temperature)
     for start, _, s, t, valid in _chunks(student, teacher, n_rows, dtype):
@@ -115,6 +137,8 @@ def forward(
         if spec.need_uniform:
             u1 = u1 + dd.sum(-1)
             u2 = u2 + (dd * dd).sum(-1)
+        if ce_lse is not None:  # the usual cross-entropy: all the student's entries, temperature 1
+            ce_lse.update(s, s != -math.inf, None)
     if shift is None:  # zero rows: nothing was read
         shift = zeros
 
@@ -151,20 +175,31 @@ def forward(
     stats[:, st.E_W2] = torch.where(keep, e2, 0.0)
     stats[:, st.SHIFT] = shift
     stats[:, st.INV_N] = inv_n
-    return loss, stats
+    total = loss if spec.csd_weight == 1.0 else spec.csd_weight * loss
+    ce = None
+    if ce_lse is not None:
+        lse1 = ce_lse.m + torch.log(ce_lse.z)
+        stats[:, st.LSE_1] = lse1
+        label_logit, _, _ = _label_logits(student, labels, n_rows, vocab, dtype)
+        ce = torch.where(active, lse1 - label_logit, 0.0)
+        total = total + spec.ce_weight * ce
+    parts = torch.stack([loss, ce if ce is not None else zeros]) if components else None
+    return total, parts, stats
 
 
 def backward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     active: torch.Tensor,
+    labels: Optional[torch.Tensor],
     stats: torch.Tensor,
     grad_rows: torch.Tensor,
     spec: LossSpec,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Gradient w.r.t. `student`, scaled per row by `grad_rows` (N,), written into `out` if given."""
+    """Gradient of `total` w.r.t. `student`, scaled per row by `grad_rows` (N,), written into `out`."""
     n_rows = active.numel()
+    vocab = student.shape[-1]
     dtype = stats.dtype
     if out is None:
         out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
@@ -172,6 +207,9 @@ def backward(
     col = lambda k: stats[:, k : k + 1]  # noqa: E731
     lse = (col(st.LSE_S), col(st.LSE_T))
     temps = (spec.temperature, spec.teacher_temperature)
+    if spec.has_ce:
+        labels = labels.reshape(n_rows, 1)
+        bad_label = ((labels < 0) | (labels >= vocab)) & active[:, None]
     for start, stop, s, t, valid in _chunks(student, teacher, n_rows, dtype):
         dd = s - t - col(st.SHIFT)
         bases = [
@@ -182,11 +220,20 @@ def backward(
         if spec.kind == "csd":
             w1 = _mix(spec.w1, bases)
             w2 = _mix(spec.w2, bases)
-            g = 0.5 * scale * (w2 * (dd - col(st.E_W1)) + w1 * (dd - col(st.E_W2)))
+            g = 0.5 * (w2 * (dd - col(st.E_W1)) + w1 * (dd - col(st.E_W2)))
         elif spec.kind == "kl-forward":
-            g = scale * (bases[0] - bases[1]) / spec.temperature
+            g = (bases[0] - bases[1]) / spec.temperature
         else:
-            g = scale * bases[0] * (dd - col(st.E_W1)) / spec.temperature**2
-        g = torch.where(valid & active[:, None], g, 0.0)
+            g = bases[0] * (dd - col(st.E_W1)) / spec.temperature**2
+        g = torch.where(valid, g, 0.0)
+        if spec.csd_weight != 1.0:
+            g = spec.csd_weight * g
+        if spec.has_ce:
+            # softmax(s) - onehot(label), formed in fp32 (p - 1 at the label keeps its precision)
+            p1 = torch.exp(s - col(st.LSE_1))
+            columns = torch.arange(start, stop, device=s.device)
+            ce_grad = torch.where(columns == labels, p1 - 1.0, p1)
+            g = g + spec.ce_weight * torch.where(bad_label, math.nan, ce_grad)
+        g = torch.where(active[:, None], scale * g, 0.0)
         out[..., start:stop] = g.view(*student.shape[:-1], stop - start)
     return out

@@ -2,12 +2,13 @@
 
 The maths (moments of d = s - t under the base distributions S, T, U, merged online, and CSD, KL(T||S)
 and KL(S||T) as functions of them) is derived in `stats.py`. The constexpr LOSS selects the loss
-(0 CSD, 1 forward KL, 2 reverse KL); NEED_S/T/U select the base distributions. Here:
+(0 CSD, 1 forward KL, 2 reverse KL); NEED_S/T/U select the base distributions; CE adds the fused
+hard-label cross-entropy (one more running log-sum-exp, one load of s[label] per row). Here:
 
     forward   grid (N, P): program (row, p) streams columns [p * cols, (p + 1) * cols) of one row in
               BLOCK-wide chunks and keeps online softmax moments for S and/or T and plain moments for U.
-              P == 1 (many rows): the program finalises the row itself (loss + 6 statistics).
-              P > 1 (few rows, long vocabulary): it writes 12 partial statistics and `_csd_merge_kernel`
+              P == 1 (many rows): the program finalises the row itself (loss + 7 statistics).
+              P > 1 (few rows, long vocabulary): it writes 14 partial statistics and `_merge_kernel`
               (grid (N,)) merges the P partials of each row. Deterministic: fixed merge order, no atomics.
     backward  grid (N, cdiv(V, BLOCK)): each program recomputes S(k), T(k), U(k) for one block from the
               row statistics and writes grad_rows[row] times the loss's gradient, for CSD
@@ -41,7 +42,11 @@ from . import stats as st
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-NUM_PARTIALS = 12  # shift, (m, Z, M1, M2) for S, the same for T, (n, M1, M2) for U
+STATS = tl.constexpr(8)  # row stride of the statistics buffer: stats.NUM_STATS
+# A partial row statistic: shift, (m, Z, M1, M2) of S, the same of T, (n, M1, M2) of U, (m, Z) of the
+# cross-entropy's softmax, padding.
+PARTIAL = tl.constexpr(16)
+NAN = tl.constexpr(float("nan"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,19 +70,20 @@ def _load_block(s_row, t_row, cols, stop):
 
 
 @triton.jit
-def _online_moments(x, valid, dd, m, z, m1, m2, SECOND_MOMENT: tl.constexpr):
-    # x is in log2 units. A row with no valid entry so far keeps m = -inf; subtract 0 in that case so
-    # that exp2(-inf - -inf) never produces NaN.
+def _online_moments(x, valid, dd, m, z, m1, m2, MOMENTS: tl.constexpr):
+    # x is in log2 units. MOMENTS: 0 keeps only (m, Z), 1 adds M1, 2 adds M2. A row with no valid
+    # entry so far keeps m = -inf; subtract 0 in that case so exp2(-inf - -inf) never makes a NaN.
     x = tl.where(valid, x, float("-inf"))
     m_new = tl.maximum(m, tl.max(x, axis=0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_safe)
     p = tl.exp2(x - m_safe)
-    pd = p * dd
     z = z * alpha + tl.sum(p, axis=0)
-    m1 = m1 * alpha + tl.sum(pd, axis=0)
-    if SECOND_MOMENT:
-        m2 = m2 * alpha + tl.sum(pd * dd, axis=0)
+    if MOMENTS >= 1:
+        pd = p * dd
+        m1 = m1 * alpha + tl.sum(pd, axis=0)
+        if MOMENTS >= 2:
+            m2 = m2 * alpha + tl.sum(pd * dd, axis=0)
     return m_new, z, m1, m2
 
 
@@ -112,13 +118,16 @@ def _mix(a_s, a_t, a_u, v_s, v_t, v_u, NEED_S: tl.constexpr, NEED_T: tl.constexp
 
 @triton.jit
 def _finalize(
-    row, loss_ptr, stats_ptr, shift, n,
-    m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2,
-    inv_temp, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
+    row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
+    shift, n, m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2, m_1, z_1,
+    s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
+    CE: tl.constexpr, COMPONENTS: tl.constexpr,
 ):
+    # Row statistics -> loss and what the backward needs (the maths is in stats.py).
     empty = n == 0.0
     inv_n = tl.where(empty, 0.0, 1.0 / tl.maximum(n, 1.0))
+    inv_temp = s_scale * LN2
     e_s = m1_s / z_s
     q_s = m2_s / z_s
     e_t = m1_t / z_t
@@ -140,8 +149,22 @@ def _finalize(
     # Rounding can leave a tiny negative variance; `where` (unlike maximum) keeps NaN visible.
     loss = tl.where(loss < 0.0, 0.0, loss)
     loss = tl.where(empty, 0.0, loss)
-    stats_row = stats_ptr + row * 6
-    tl.store(loss_ptr + row, loss)
+    total = csd_weight * loss
+    stats_row = stats_ptr + row * STATS
+    if CE:
+        # An out-of-range label gives NaN (no host check on the hot path; see validate_labels).
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        label_ok = (label >= 0) & (label < V)
+        picked = tl.load(s_row + tl.where(label_ok, label, 0)).to(tl.float32)
+        lse_1 = (m_1 + tl.log2(z_1)) * LN2
+        ce = tl.where(label_ok, lse_1 - picked, NAN)
+        total += ce_weight * ce
+        tl.store(stats_row + 6, lse_1)
+        if COMPONENTS:
+            tl.store(comp_ptr + N + row, ce)
+    if COMPONENTS:
+        tl.store(comp_ptr + row, loss)
+    tl.store(loss_ptr + row, total)
     tl.store(stats_row + 0, lse_s)
     tl.store(stats_row + 1, lse_t)
     tl.store(stats_row + 2, tl.where(empty, 0.0, e1))
@@ -151,35 +174,36 @@ def _finalize(
 
 
 @triton.jit
-def _store_excluded_row(row, loss_ptr, stats_ptr):
+def _store_excluded_row(row, N, loss_ptr, comp_ptr, COMPONENTS: tl.constexpr):
     tl.store(loss_ptr + row, 0.0)
-    cols = tl.arange(0, 8)
-    tl.store(stats_ptr + row * 6 + cols, tl.zeros([8], tl.float32), mask=cols < 6)
+    if COMPONENTS:
+        tl.store(comp_ptr + row, 0.0)
+        tl.store(comp_ptr + N + row, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _csd_fwd_kernel(
+def _fwd_kernel(
     # pointers
-    s_ptr, t_ptr, active_ptr, part_ptr, loss_ptr, stats_ptr,
+    s_ptr, t_ptr, labels_ptr, active_ptr, part_ptr, loss_ptr, comp_ptr, stats_ptr,
     # shapes
-    V, L1, cols_per_program,
+    N, V, L1, cols_per_program,
     # strides (the vocabulary stride is 1)
     s_so, s_si, t_so, t_si,
     # log2(e) / temperature and log2(e) / teacher_temperature
     s_scale, t_scale,
-    # weighting: (S, T, U) coefficients of w1 and w2
-    a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
+    # weighting: (S, T, U) coefficients of w1 and w2; weights of the loss and the cross-entropy
+    a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+    CE: tl.constexpr, COMPONENTS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     if tl.load(active_ptr + row) == 0:
         if not SPLIT:
-            _store_excluded_row(row, loss_ptr, stats_ptr)
+            _store_excluded_row(row, N, loss_ptr, comp_ptr, COMPONENTS)
         return  # with SPLIT the merge kernel never reads an excluded row's partials
 
     s_row = _row_base(s_ptr, row, L1, s_so, s_si)
@@ -198,21 +222,25 @@ def _csd_fwd_kernel(
     n = zero
     m_s, z_s, m1_s, m2_s = zero - float("inf"), zero, zero, zero
     m_t, z_t, m1_t, m2_t = zero - float("inf"), zero, zero, zero
+    m_1, z_1 = zero - float("inf"), zero
     u1, u2 = zero, zero
+    MOMENTS: tl.constexpr = 2 if LOSS == 0 else 1  # the KL divergences need no second moment
     for block_start in range(start, stop, BLOCK):
         s, t, valid = _load_block(s_row, t_row, block_start + lanes, stop)
         dd = tl.where(valid, s - t - shift, 0.0)
         n += tl.sum(valid.to(tl.float32), axis=0)
         if NEED_S:
-            m_s, z_s, m1_s, m2_s = _online_moments(s * s_scale, valid, dd, m_s, z_s, m1_s, m2_s, LOSS == 0)
+            m_s, z_s, m1_s, m2_s = _online_moments(s * s_scale, valid, dd, m_s, z_s, m1_s, m2_s, MOMENTS)
         if NEED_T:
-            m_t, z_t, m1_t, m2_t = _online_moments(t * t_scale, valid, dd, m_t, z_t, m1_t, m2_t, LOSS == 0)
+            m_t, z_t, m1_t, m2_t = _online_moments(t * t_scale, valid, dd, m_t, z_t, m1_t, m2_t, MOMENTS)
         if NEED_U:
             u1 += tl.sum(dd, axis=0)
             u2 += tl.sum(dd * dd, axis=0)
+        if CE:  # the usual cross-entropy: every finite student entry, temperature 1
+            m_1, z_1, _, _ = _online_moments(s * LOG2E, s != float("-inf"), dd, m_1, z_1, zero, zero, 0)
 
     if SPLIT:
-        out = part_ptr + (row * tl.num_programs(1) + part) * 12
+        out = part_ptr + (row * tl.num_programs(1) + part) * PARTIAL
         tl.store(out + 0, shift)
         tl.store(out + 1, m_s)
         tl.store(out + 2, z_s)
@@ -225,30 +253,32 @@ def _csd_fwd_kernel(
         tl.store(out + 9, n)
         tl.store(out + 10, u1)
         tl.store(out + 11, u2)
+        tl.store(out + 12, m_1)
+        tl.store(out + 13, z_1)
     else:
         _finalize(
-            row, loss_ptr, stats_ptr, shift, n,
-            m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2,
-            s_scale * LN2, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U, LOSS,
+            row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
+            shift, n, m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2, m_1, z_1,
+            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+            NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,
         )
 
 
 @triton.jit
-def _csd_merge_kernel(
-    part_ptr, active_ptr, loss_ptr, stats_ptr,
-    P,
-    s_scale, t_scale,
-    a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
+def _merge_kernel(
+    part_ptr, s_ptr, labels_ptr, active_ptr, loss_ptr, comp_ptr, stats_ptr,
+    N, V, L1, s_so, s_si, P,
+    s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    CE: tl.constexpr, COMPONENTS: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     if tl.load(active_ptr + row) == 0:
-        _store_excluded_row(row, loss_ptr, stats_ptr)
+        _store_excluded_row(row, N, loss_ptr, comp_ptr, COMPONENTS)
         return
     lanes = tl.arange(0, BLOCK_P) < P
-    parts = part_ptr + row * P * 12 + tl.arange(0, BLOCK_P) * 12
-    shift = tl.load(part_ptr + row * P * 12)  # partial 0's shift becomes the row's
+    parts = part_ptr + row * P * PARTIAL + tl.arange(0, BLOCK_P) * PARTIAL
+    shift = tl.load(part_ptr + row * P * PARTIAL)  # partial 0's shift becomes the row's
     delta = tl.load(parts, mask=lanes, other=0.0) - shift
     n_p = tl.load(parts + 9, mask=lanes, other=0.0)
     u1_p = tl.load(parts + 10, mask=lanes, other=0.0)
@@ -258,26 +288,28 @@ def _csd_merge_kernel(
     u2 = tl.sum(u2_p + 2.0 * delta * u1_p + n_p * delta * delta, axis=0)
     m_s, z_s, m1_s, m2_s = _merge_moments(parts + 1, lanes, delta)
     m_t, z_t, m1_t, m2_t = _merge_moments(parts + 5, lanes, delta)
+    m_1, z_1, _, _ = _merge_moments(parts + 12, lanes, delta)  # reads 2 pad slots as M1, M2: unused
     _finalize(
-        row, loss_ptr, stats_ptr, shift, n,
-        m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2,
-        s_scale * LN2, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U, LOSS,
+        row, N, V, _row_base(s_ptr, row, L1, s_so, s_si), labels_ptr, loss_ptr, comp_ptr, stats_ptr,
+        shift, n, m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2, m_1, z_1,
+        s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+        NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,
     )
 
 
 @triton.jit
-def _csd_bwd_kernel(
+def _bwd_kernel(
     # pointers (g_ptr may alias s_ptr: each program reads its block before writing it)
-    s_ptr, t_ptr, g_ptr, active_ptr, stats_ptr, grow_ptr,
+    s_ptr, t_ptr, g_ptr, labels_ptr, active_ptr, stats_ptr, grow_ptr,
     # shapes
     V, L1,
     # strides (the vocabulary stride is 1)
     s_so, s_si, t_so, t_si, g_so, g_si, grow_stride,
     # log2(e) / temperature and log2(e) / teacher_temperature
     s_scale, t_scale,
-    a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
+    a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    CE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -286,7 +318,7 @@ def _csd_bwd_kernel(
         tl.store(g_row + cols, tl.zeros([BLOCK], tl.float32).to(g_ptr.dtype.element_ty), mask=cols < V)
         return
 
-    stats_row = stats_ptr + row * 6
+    stats_row = stats_ptr + row * STATS
     lse_s = tl.load(stats_row + 0) * LOG2E
     lse_t = tl.load(stats_row + 1) * LOG2E
     e1 = tl.load(stats_row + 2)
@@ -304,14 +336,20 @@ def _csd_bwd_kernel(
     if LOSS == 0:  # CSD: 1/2 (w2 (d - E_w1) + w1 (d - E_w2))
         w1 = _mix(a1_s, a1_t, a1_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
         w2 = _mix(a2_s, a2_t, a2_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
-        g = (0.5 * upstream) * (w2 * (dd - e1) + w1 * (dd - e2))
+        g = (0.5 * csd_weight) * (w2 * (dd - e1) + w1 * (dd - e2))
     elif LOSS == 1:  # KL(T || S): (p_S - p_T) / tau
-        g = (upstream * s_scale * LN2) * (p_s - p_t)
+        g = (csd_weight * s_scale * LN2) * (p_s - p_t)
     else:  # KL(S || T): p_S (d - E_S[d]) / tau^2
         inv_temp = s_scale * LN2
-        g = (upstream * inv_temp * inv_temp) * p_s * (dd - e1)
+        g = (csd_weight * inv_temp * inv_temp) * p_s * (dd - e1)
     g = tl.where(valid, g, 0.0)
-    tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V)
+    if CE:  # softmax(s) - onehot(label), with p - 1 formed in fp32 before the final cast
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        p_1 = tl.exp2(s * LOG2E - tl.load(stats_row + 6) * LOG2E)
+        ce_grad = tl.where(cols.to(tl.int64) == label, p_1 - 1.0, p_1)
+        ce_grad = tl.where((label >= 0) & (label < V), ce_grad, NAN)
+        g += ce_weight * ce_grad
+    tl.store(g_row + cols, (upstream * g).to(g_ptr.dtype.element_ty), mask=cols < V)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -396,61 +434,75 @@ def _launch_constants(spec: LossSpec):
         LOG2E.value / spec.teacher_temperature,
         *spec.w1,
         *spec.w2,
+        spec.csd_weight,
+        spec.ce_weight,
     )
 
 
 def _flags(spec: LossSpec):
     return dict(NEED_S=spec.need_student, NEED_T=spec.need_teacher, NEED_U=spec.need_uniform,
-                LOSS=spec.kind_code)
+                LOSS=spec.kind_code, CE=spec.has_ce)
 
 
 def forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     active: torch.Tensor,
+    labels: Optional[torch.Tensor],
     spec: LossSpec,
+    components: bool = False,
     splits: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-position loss (N,) fp32 and row statistics (N, 6) fp32. `splits` overrides the heuristic."""
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(total (N,), components (2, N) = [loss, CE] or None, row statistics (N, NUM_STATS)), all fp32.
+
+    `total` is csd_weight * loss + ce_weight * CE, 0 at excluded positions. `splits` overrides the
+    programs-per-row heuristic (tests use it)."""
     vocab = student.shape[-1]
     n_rows = active.numel()
     device = student.device
-    loss = torch.empty(n_rows, dtype=torch.float32, device=device)
+    total = torch.empty(n_rows, dtype=torch.float32, device=device)
+    parts = torch.empty(2, n_rows, dtype=torch.float32, device=device) if components else None
     stats = torch.empty(n_rows, st.NUM_STATS, dtype=torch.float32, device=device)
     if n_rows == 0:
-        return loss, stats
+        return total, parts, stats
     (s, t), l1, ((s_so, s_si), (t_so, t_si)) = _rows(student, teacher)
+    labels = labels.reshape(n_rows) if spec.has_ce else active  # a placeholder pointer otherwise
+    comp = parts if components else total  # likewise
     block, num_warps = block_config(vocab)
-    parts = split_count(n_rows, vocab, block, device) if splits is None else splits
-    cols_per_program = triton.cdiv(triton.cdiv(vocab, block), parts) * block
-    partial_shape = (n_rows, parts, NUM_PARTIALS) if parts > 1 else (1,)
+    programs = split_count(n_rows, vocab, block, device) if splits is None else splits
+    cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
+    partial_shape = (n_rows, programs, PARTIAL.value) if programs > 1 else (1,)
     partials = torch.empty(partial_shape, dtype=torch.float32, device=device)
     constants = _launch_constants(spec)
-    _csd_fwd_kernel[(n_rows, parts)](
-        s, t, active, partials, loss, stats,
-        vocab, l1, cols_per_program,
+    flags = dict(_flags(spec), COMPONENTS=components)
+    _fwd_kernel[(n_rows, programs)](
+        s, t, labels, active, partials, total, comp, stats,
+        n_rows, vocab, l1, cols_per_program,
         s_so, s_si, t_so, t_si,
         *constants,
-        SPLIT=parts > 1, BLOCK=block, num_warps=num_warps, **_flags(spec),
+        SPLIT=programs > 1, BLOCK=block, num_warps=num_warps, **flags,
     )
-    if parts > 1:
-        _csd_merge_kernel[(n_rows,)](
-            partials, active, loss, stats, parts, *constants,
-            BLOCK_P=triton.next_power_of_2(parts), num_warps=1, **_flags(spec),
+    if programs > 1:
+        _merge_kernel[(n_rows,)](
+            partials, s, labels, active, total, comp, stats,
+            n_rows, vocab, l1, s_so, s_si, programs,
+            constants[0], *constants[2:],
+            BLOCK_P=triton.next_power_of_2(programs), num_warps=1, **flags,
         )
-    return loss, stats
+    return total, parts, stats
 
 
 def backward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     active: torch.Tensor,
+    labels: Optional[torch.Tensor],
     stats: torch.Tensor,
     grad_rows: torch.Tensor,
     spec: LossSpec,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Gradient w.r.t. `student`, scaled per row by `grad_rows` (N,), written into `out` if given."""
+    """Gradient of `total` w.r.t. `student`, scaled per row by `grad_rows` (N,), written into `out`."""
     vocab = student.shape[-1]
     n_rows = active.numel()
     if out is None:
@@ -458,10 +510,11 @@ def backward(
     if n_rows == 0:
         return out
     (s, t, g), l1, ((s_so, s_si), (t_so, t_si), (g_so, g_si)) = _rows(student, teacher, out)
+    labels = labels.reshape(n_rows) if spec.has_ce else active
     grad_rows = grad_rows.reshape(n_rows)
     block, num_warps = block_config(vocab)
-    _csd_bwd_kernel[(n_rows, triton.cdiv(vocab, block))](
-        s, t, g, active, stats, grad_rows,
+    _bwd_kernel[(n_rows, triton.cdiv(vocab, block))](
+        s, t, g, labels, active, stats, grad_rows,
         vocab, l1,
         s_so, s_si, t_so, t_si, g_so, g_si, grad_rows.stride(0),
         *_launch_constants(spec),

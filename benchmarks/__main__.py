@@ -21,8 +21,9 @@ GPU_ROWS = (256, 1024, 8192, 16384)
 GPU_VOCABS = (32000, 50257, 128256, 151936, 256000)
 GPU_DTYPES = ("bfloat16", "float32")
 # The CPU variant: the PyTorch paths on small shapes, a few minutes on 2 cores.
-CPU_PROVIDERS = ("csd-ss", "csd-ts", "csd-us", "kl-forward", "kl-reverse", "authors-csd", "naive-kl")
-CPU_ROWS = (256, 1024)
+CPU_PROVIDERS = ("csd-ss", "csd-ts", "csd-us", "kl-forward", "kl-reverse", "csd-ss+ce",
+                 "csd-ss+separate-ce", "authors-csd", "naive-kl")
+CPU_ROWS = (512,)
 CPU_VOCABS = (8192, 32000, 50257)
 # The foundation issue's memory target: csd_loss(backend="torch") at (8192, 32000) fp32 on CPU.
 CPU_MEMORY_TARGET = suite.Case("csd-ss", 8192, 32000, "float32")

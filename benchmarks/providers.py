@@ -50,6 +50,34 @@ def _liger_jsd():
     return loss
 
 
+def _with_labels(loss):
+    """Give a loss of (student, teacher, labels) the providers' (student, teacher) signature.
+
+    The labels (random, fixed per shape) are made once, outside the timed calls."""
+    cache = {}
+
+    def call(student, teacher):
+        key = (tuple(student.shape), student.device)
+        if key not in cache:
+            gen = torch.Generator(device=student.device).manual_seed(1)
+            cache[key] = torch.randint(0, student.shape[-1], student.shape[:-1], device=student.device,
+                                       generator=gen)
+        return loss(student, teacher, cache[key])
+
+    return call
+
+
+def _fused_ce(student, teacher, labels):
+    return csd_kernels.csd_loss(student, teacher, labels=labels, ce_weight=1.0)
+
+
+def _separate_ce(student, teacher, labels):
+    """CSD, then the usual separate cross-entropy pass over the student logits."""
+    vocab = student.shape[-1]
+    ce = torch.nn.functional.cross_entropy(student.reshape(-1, vocab), labels.reshape(-1))
+    return csd_kernels.csd_loss(student, teacher, labels=labels) + ce
+
+
 def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
@@ -70,6 +98,10 @@ PROVIDERS = {
         Provider("csd-us", "csd_kernels.csd_loss, weighting='us'", _csd("us")),
         Provider("kl-forward", "csd_kernels.kl_loss, kind='forward'", _kl("forward")),
         Provider("kl-reverse", "csd_kernels.kl_loss, kind='reverse'", _kl("reverse")),
+        Provider("csd-ss+ce", "csd_loss with the cross-entropy fused in (ce_weight=1)",
+                 lambda: _with_labels(_fused_ce)),
+        Provider("csd-ss+separate-ce", "csd_loss plus a separate F.cross_entropy",
+                 lambda: _with_labels(_separate_ce)),
         Provider("authors-csd", "naive PyTorch CSD in the authors' style (reference.csd_loss_authors)",
                  lambda: reference.csd_loss_authors),
         Provider("compiled-authors-csd", "torch.compile of authors-csd",

@@ -31,36 +31,47 @@ def _resident_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _measure(provider: str, rows: int, vocab: int, dtype_name: str) -> dict:
+def _inputs(rows, vocab, hidden, dtype, linear):
     import torch
 
-    from benchmarks.providers import PROVIDERS
+    if not linear:
+        student = torch.empty(rows, vocab, dtype=dtype).normal_().requires_grad_(True)
+        return (student, torch.empty(rows, vocab, dtype=dtype).normal_()), [student]
+    h = torch.empty(rows, hidden, dtype=dtype).normal_().requires_grad_(True)
+    w = (torch.empty(vocab, hidden, dtype=dtype).normal_() * hidden**-0.5).requires_grad_(True)
+    return (h, w, torch.empty(rows, vocab, dtype=dtype).normal_()), [h, w]
+
+
+def _measure(provider: str, rows: int, vocab: int, dtype_name: str, hidden: int = 0) -> dict:
+    import torch
+
+    from benchmarks.providers import LINEAR_PROVIDERS, PROVIDERS
 
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
-    fn = PROVIDERS[provider].make()
+    linear = provider in LINEAR_PROVIDERS
+    fn = LINEAR_PROVIDERS[provider] if linear else PROVIDERS[provider].make()
     # Warm up on a tiny input first: lazy imports, autograd's worker threads and the thread pools
     # allocate once per process, and that is not the loss's memory.
-    tiny = torch.randn(2, 64, dtype=dtype, requires_grad=True)
-    fn(tiny, torch.randn(2, 64, dtype=dtype)).backward()
-    student = torch.empty(rows, vocab, dtype=dtype).normal_().requires_grad_(True)
-    teacher = torch.empty(rows, vocab, dtype=dtype).normal_()
+    tiny, _ = _inputs(2, 64, 8, dtype, linear)
+    fn(*tiny).backward()
+    inputs, leaves = _inputs(rows, vocab, hidden, dtype, linear)
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     before = _resident_bytes("VmRSS")
     start = time.perf_counter()
-    fn(student, teacher).backward()
+    fn(*inputs).backward()
     seconds = time.perf_counter() - start
     peak = _resident_bytes("VmHWM")
-    grad_bytes = student.grad.numel() * student.grad.element_size()
+    grad_bytes = sum(x.grad.numel() * x.grad.element_size() for x in leaves)
     return {"extra_bytes": peak - before, "grad_bytes": grad_bytes, "seconds": seconds}
 
 
-def measure(provider: str, rows: int, vocab: int, dtype: str = "float32") -> dict:
+def measure(provider: str, rows: int, vocab: int, dtype: str = "float32", hidden: int = 0) -> dict:
     """Run `_measure` in a fresh interpreter (clean allocator state) and return its result."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "benchmarks.cpu_memory", "--provider", provider, "--rows", str(rows),
-           "--vocab", str(vocab), "--dtype", dtype]
+           "--vocab", str(vocab), "--dtype", dtype, "--hidden", str(hidden)]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -71,5 +82,6 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, required=True)
     parser.add_argument("--vocab", type=int, required=True)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--hidden", type=int, default=0, help="H, for the fused-linear providers")
     args = parser.parse_args()
-    print(json.dumps(_measure(args.provider, args.rows, args.vocab, args.dtype)))
+    print(json.dumps(_measure(args.provider, args.rows, args.vocab, args.dtype, args.hidden)))

@@ -114,3 +114,24 @@ PROVIDERS = {
                  requires="liger_kernel"),
     ]
 }
+
+
+# Fused-linear providers: (hidden (N, H), weight (V, H), teacher_logits (N, V)) -> loss.
+def _linear_then_csd(hidden, weight, teacher_logits):
+    return csd_kernels.csd_loss(hidden @ weight.t(), teacher_logits)
+
+
+def _fused_linear_csd(hidden, weight, teacher_logits):
+    return csd_kernels.fused_linear_csd_loss(hidden, weight, teacher_logits)
+
+
+def _linear_only(hidden, weight, teacher_logits):
+    """The GEMMs alone (forward + two backward): the floor of any fused-linear loss."""
+    return (hidden @ weight.t()).sum()
+
+
+LINEAR_PROVIDERS = {
+    "fused-linear-csd": _fused_linear_csd,
+    "linear-then-csd": _linear_then_csd,
+    "linear-only": _linear_only,
+}

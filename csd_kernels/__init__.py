@@ -3,7 +3,8 @@
 Importing this package imports torch only: Triton is imported when a Triton kernel is first used.
 """
 
+from .fused_linear import fused_linear_csd_loss
 from .loss import CSDLoss, KLLoss, csd_loss, kl_loss
 
-__all__ = ["csd_loss", "CSDLoss", "kl_loss", "KLLoss"]
+__all__ = ["csd_loss", "CSDLoss", "kl_loss", "KLLoss", "fused_linear_csd_loss"]
 __version__ = "0.1.0"

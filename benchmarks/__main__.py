@@ -25,6 +25,10 @@ CPU_PROVIDERS = ("csd-ss", "csd-ts", "csd-us", "kl-forward", "kl-reverse", "csd-
                  "csd-ss+separate-ce", "authors-csd", "naive-kl")
 CPU_ROWS = (512,)
 CPU_VOCABS = (8192, 32000, 50257)
+# Fused-linear shapes (hidden states in, no logits): the GPU target shape, and a small CPU one.
+GPU_LINEAR = [("bfloat16", 8192, 4096, 128256)]
+CPU_LINEAR = [("float32", 512, 256, 32000)]
+LINEAR = ("fused-linear-csd", "linear-then-csd", "linear-only")
 # The foundation issue's memory target: csd_loss(backend="torch") at (8192, 32000) fp32 on CPU.
 CPU_MEMORY_TARGET = suite.Case("csd-ss", 8192, 32000, "float32")
 
@@ -51,6 +55,9 @@ def main(argv=None):
         slug = "cpu"
     out = args.out or os.path.join(suite.ROOT, "benchmarks", "results", slug)
     cases = [suite.Case(p, n, v, d) for d in dtypes for n in rows for v in vocabs for p in providers]
+    if not args.providers and not args.quick:
+        cases += [suite.Case(p, n, v, d, hidden=h) for d, n, h, v in (GPU_LINEAR if on_gpu else CPU_LINEAR)
+                  for p in LINEAR]
     path = suite.run(cases, os.path.join(out, "results.csv"), device,
                      # Each CPU memory case is a fresh process (seconds): the largest N only.
                      memory_cases=[c for c in cases if c.n == max(rows)] if not on_gpu else (),

@@ -24,7 +24,9 @@ def load(path: str) -> List[Dict[str, str]]:
 
 
 def _ok(rows, metric, mode):
-    return [r for r in rows if r["metric"] == metric and r["mode"] == mode and r["status"] == "ok"]
+    """Rows of the logits providers (the fused-linear ones, with an H, have their own table)."""
+    return [r for r in rows if r["metric"] == metric and r["mode"] == mode and r["status"] == "ok"
+            and not r.get("H")]
 
 
 def _linestyle(provider: str) -> str:
@@ -75,7 +77,7 @@ def table(rows, n: int) -> str:
     """Markdown: one line per (provider, V) at N = n: full-step time, extra memory, bandwidth."""
     cells = defaultdict(dict)
     for r in rows:
-        if int(r["N"] or 0) != n or r["mode"] != "full":
+        if int(r["N"] or 0) != n or r["mode"] != "full" or r.get("H"):
             continue
         key = (r["dtype"], r["provider"], int(r["V"]))
         if r["status"] != "ok":
@@ -100,6 +102,23 @@ def table(rows, n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def linear_table(rows) -> str:
+    """Markdown for the fused-linear cases: forward + backward time and extra memory."""
+    cells = defaultdict(dict)
+    for r in rows:
+        if r.get("H") and r["mode"] == "full" and r["status"] == "ok":
+            cells[(r["dtype"], r["N"], r["H"], r["V"], r["provider"])][r["metric"]] = float(r["p50"])
+    if not cells:
+        return ""
+    lines = ["Fused-linear (hidden states in), forward + backward (median):", "",
+             "| dtype | N | H | V | provider | time (ms) | extra memory (MB) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (dtype, n, h, v, provider), c in sorted(cells.items()):
+        memory = f"{c['extra_memory'] / 1e6:.0f}" if "extra_memory" in c else "-"
+        lines.append(f"| {dtype} | {n} | {h} | {v} | {provider} | {c.get('time', float('nan')):.2f} | {memory} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(path: str) -> List[str]:
     rows = load(path)
     folder = os.path.dirname(path)
@@ -112,7 +131,7 @@ def render(path: str) -> List[str]:
         plot(rows, metric, "full", label, scale, out, title)
         if os.path.exists(out):
             written.append(out)
-    md = table(rows, _table_rows(rows))
+    md = table(rows, _table_rows(rows)) + "\n" + linear_table(rows)
     out = os.path.join(folder, "table.md")
     with open(out, "w") as f:
         f.write(md)
@@ -140,7 +159,7 @@ def update_readme(csv_path: str, readme: str) -> None:
     if begin not in text or end not in text:
         raise SystemExit(f"{readme} has no {begin} ... {end} markers")
     rows = load(csv_path)
-    body = table(rows, _table_rows(rows)) + "\n" + memory_target_line(rows)
+    body = table(rows, _table_rows(rows)) + "\n" + linear_table(rows) + "\n" + memory_target_line(rows)
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     with open(readme, "w") as f:
@@ -149,7 +168,7 @@ def update_readme(csv_path: str, readme: str) -> None:
 
 def _table_rows(rows, preferred=8192) -> int:
     sizes = sorted({int(r["N"]) for r in rows if r["N"] and int(r["N"]) > 0
-                    and r["metric"] == "time"})
+                    and r["metric"] == "time" and not r.get("H")})
     return preferred if preferred in sizes else max(sizes, default=0)
 
 

@@ -29,10 +29,10 @@ import torch
 
 import csd_kernels
 
-from .providers import PROVIDERS
+from .providers import LINEAR_PROVIDERS, PROVIDERS, Provider
 
 MODES = ("forward", "backward", "full")
-COLUMNS = ["provider", "mode", "metric", "N", "V", "dtype", "p20", "p50", "p80", "unit", "status",
+COLUMNS = ["provider", "mode", "metric", "N", "V", "H", "dtype", "p20", "p50", "p80", "unit", "status",
            "device", "torch", "triton", "csd_kernels", "commit", "timestamp"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +43,7 @@ class Case:
     n: int
     vocab: int
     dtype: str
+    hidden: int = 0  # H, for the fused-linear providers (inputs are hidden states and a weight)
 
 
 def _git_commit() -> str:
@@ -88,7 +89,7 @@ class CsvWriter:
         p20, p50, p80 = values if values is not None else ("", "", "")
         self._writer.writerow({
             "provider": case.provider, "mode": mode, "metric": metric, "N": case.n, "V": case.vocab,
-            "dtype": case.dtype, "p20": p20, "p50": p50, "p80": p80, "unit": unit, "status": status,
+            "H": case.hidden or "", "dtype": case.dtype, "p20": p20, "p50": p50, "p80": p80, "unit": unit, "status": status,
             **self.stamp,
         })
         self._file.flush()
@@ -98,11 +99,18 @@ class CsvWriter:
 
 
 def _inputs(case: Case, device: torch.device):
+    """(inputs, leaves): the loss's arguments and those that get a gradient."""
     dtype = getattr(torch, case.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
+    if case.hidden:
+        hidden = torch.randn(case.n, case.hidden, device=device, dtype=dtype, generator=gen)
+        weight = (torch.randn(case.vocab, case.hidden, device=device, generator=gen) * case.hidden**-0.5).to(dtype)
+        teacher = torch.randn(case.n, case.vocab, device=device, dtype=dtype, generator=gen)
+        leaves = [hidden.requires_grad_(True), weight.requires_grad_(True)]
+        return (hidden, weight, teacher), leaves
     student = torch.randn(case.n, case.vocab, device=device, dtype=dtype, generator=gen)
     teacher = (student.float() + torch.randn(case.n, case.vocab, device=device, generator=gen)).to(dtype)
-    return student.requires_grad_(True), teacher
+    return (student.requires_grad_(True), teacher), [student]
 
 
 def bytes_per_element(dtype: str, mode: str) -> int:
@@ -121,14 +129,14 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def _timers(fn, student, teacher):
+def _timers(fn, inputs):
     """The three timed callables of a case; backward reruns a prepared graph."""
     def forward():
         with torch.enable_grad():
-            return fn(student, teacher)
+            return fn(*inputs)
 
     def full():
-        fn(student, teacher).backward()
+        fn(*inputs).backward()
 
     loss = forward()
 
@@ -143,33 +151,36 @@ def _gpu_case(case: Case, fn, writer: CsvWriter, copy_bw: float):
 
     device = torch.device("cuda")
     torch.cuda.empty_cache()
-    student, teacher = _inputs(case, device)
+    inputs, leaves = _inputs(case, device)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    fn(student, teacher).backward()
+    fn(*inputs).backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     writer.row(case, "full", "extra_memory", (extra,) * 3, "bytes")
-    timers = _timers(fn, student, teacher)
+    timers = _timers(fn, inputs)
     for mode in MODES:
-        p20, p50, p80 = do_bench(timers[mode], quantiles=[0.2, 0.5, 0.8], grad_to_none=[student])
+        p20, p50, p80 = do_bench(timers[mode], quantiles=[0.2, 0.5, 0.8], grad_to_none=leaves)
         writer.row(case, mode, "time", (p20, p50, p80), "ms")
+        if case.hidden:
+            continue  # GEMM-bound: compared with the GEMM-only provider, not with bandwidth
         moved = bytes_per_element(case.dtype, mode) * case.n * case.vocab
         writer.row(case, mode, "bandwidth_fraction", tuple(moved / (ms * 1e-3) / copy_bw for ms in (p80, p50, p20)), "of copy")
         writer.row(case, mode, "tokens_per_s", tuple(case.n / (ms * 1e-3) for ms in (p80, p50, p20)), "rows/s")
 
 
 def _cpu_case(case: Case, fn, writer: CsvWriter, repeats: int):
-    student, teacher = _inputs(case, torch.device("cpu"))
-    timers = _timers(fn, student, teacher)
+    inputs, leaves = _inputs(case, torch.device("cpu"))
+    timers = _timers(fn, inputs)
     for mode in MODES:
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()
             timers[mode]()
             samples.append((time.perf_counter() - start) * 1e3)
-            student.grad = None
+            for leaf in leaves:
+                leaf.grad = None
         q = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else samples * 4
         writer.row(case, mode, "time", (q[0], statistics.median(samples), q[3]), "ms")
         writer.row(case, mode, "tokens_per_s", (case.n / (q[3] * 1e-3), case.n / (statistics.median(samples) * 1e-3), case.n / (q[0] * 1e-3)), "rows/s")
@@ -178,9 +189,15 @@ def _cpu_case(case: Case, fn, writer: CsvWriter, repeats: int):
 def cpu_memory_case(case: Case, writer: CsvWriter):
     from .cpu_memory import measure
 
-    result = measure(case.provider, case.n, case.vocab, case.dtype)
+    result = measure(case.provider, case.n, case.vocab, case.dtype, case.hidden)
     writer.row(case, "full", "extra_memory", (result["extra_bytes"],) * 3, "bytes")
     writer.row(case, "full", "extra_memory_over_grad", (result["extra_bytes"] / result["grad_bytes"],) * 3, "ratio")
+
+
+def _provider(name: str) -> Provider:
+    if name in LINEAR_PROVIDERS:
+        return Provider(name, name, lambda: LINEAR_PROVIDERS[name])
+    return PROVIDERS[name]
 
 
 def run(cases: Iterable[Case], path: str, device: torch.device, repeats: int = 3, log=print,
@@ -196,8 +213,10 @@ def run(cases: Iterable[Case], path: str, device: torch.device, repeats: int = 3
     cases: List[Case] = list(cases)
     built = {}
     for i, case in enumerate(cases, 1):
-        provider = PROVIDERS[case.provider]
+        provider = _provider(case.provider)
         label = f"[{i}/{len(cases)}] {case.provider:22s} N={case.n:<6d} V={case.vocab:<7d} {case.dtype}"
+        if case.hidden:
+            label += f" H={case.hidden}"
         reason = provider.unavailable_reason(device)
         if reason:
             log(f"{label}  skipped: {reason}")
@@ -218,7 +237,7 @@ def run(cases: Iterable[Case], path: str, device: torch.device, repeats: int = 3
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         log(f"{label}  {status} ({time.perf_counter() - start:.1f} s)")
-    memory_cases = [c for c in memory_cases if not PROVIDERS[c.provider].unavailable_reason(device)]
+    memory_cases = [c for c in memory_cases if not _provider(c.provider).unavailable_reason(device)]
     for i, case in enumerate(list(memory_cases) + list(extra_memory_cases), 1):
         start = time.perf_counter()
         cpu_memory_case(case, writer)

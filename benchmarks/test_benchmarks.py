@@ -36,7 +36,7 @@ def test_provider(benchmark, name, shape, mode):
     if reason:
         pytest.skip(reason)
     case = Case(name, shape[0], shape[1], DTYPE)
-    student, teacher = _inputs(case, DEVICE)
-    timers = _timers(provider.make(), student, teacher)
+    inputs, _ = _inputs(case, DEVICE)
+    timers = _timers(provider.make(), inputs)
     benchmark.group = f"{mode} N={shape[0]} V={shape[1]} {DTYPE}"
     benchmark(_synchronised(timers[mode]))

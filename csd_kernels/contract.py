@@ -104,7 +104,7 @@ def _parse_mixture(item, position: str) -> Mixture:
                     f"got {type(value).__name__}"
                 )
             value = float(value)
-            if not math.isfinite(value) or value < 0.0:
+            if not (0.0 <= value < math.inf):
                 raise ValueError(
                     f"weighting {position}: coefficient of {name!r} must be finite and "
                     f"non-negative, got {value}"
@@ -149,7 +149,8 @@ def _check_temperature(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a Python real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
+    # Comparisons rather than math.isfinite, which torch.compile cannot trace; NaN fails both.
+    if not (0.0 < value < math.inf):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
 
@@ -158,7 +159,7 @@ def check_loss_weight(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a Python real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value < 0.0:
+    if not (0.0 <= value < math.inf):
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return value
 

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .autograd import backend_module, resolve_backend
+from .ops import backend_module, resolve_backend
 from .contract import (
     LossSpec,
     active_positions,

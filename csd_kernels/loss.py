@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .autograd import LossFunction, resolve_backend
+from .ops import apply_loss, resolve_backend
 from .contract import (
     LossSpec,
     active_positions,
@@ -121,9 +121,8 @@ def _apply(spec, student_logits, teacher_logits, labels, ignore_index, mask, red
     backend = resolve_backend(backend, student_logits, teacher_logits)
     lead = student_logits.shape[:-1]
     active = active_positions(lead, student_logits.device, labels, mask, ignore_index)
-    total, parts = LossFunction.apply(student_logits, teacher_logits, active,
-                                      labels if spec.has_ce else None, spec, backend, inplace_backward,
-                                      return_components)
+    total, parts = apply_loss(student_logits, teacher_logits, active, labels if spec.has_ce else None,
+                              spec, backend, return_components, inplace_backward)
     loss = reduce_rows(total, active, lead, reduction, num_items_in_batch)
     if not return_components:
         return loss

@@ -462,7 +462,9 @@ def forward(
     device = student.device
     total = torch.empty(n_rows, dtype=torch.float32, device=device)
     parts = torch.empty(2, n_rows, dtype=torch.float32, device=device) if components else None
-    stats = torch.empty(n_rows, st.NUM_STATS, dtype=torch.float32, device=device)
+    # Zeroed (N x 32 bytes, negligible): excluded rows and the padding column are never written, and an
+    # operator's outputs must not carry uninitialised memory.
+    stats = torch.zeros(n_rows, st.NUM_STATS, dtype=torch.float32, device=device)
     if n_rows == 0:
         return total, parts, stats
     (s, t), l1, ((s_so, s_si), (t_so, t_si)) = _rows(student, teacher)

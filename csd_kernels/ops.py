@@ -1,0 +1,173 @@
+"""The losses as PyTorch custom operators, with their autograd formulas: what the public functions call.
+
+Two operators, registered with `torch.library.custom_op` (PyTorch >= 2.4):
+
+    csd_kernels::distill_rows(student, teacher, active, labels?, <loss spec>, backend, components)
+        -> (total (N,), components (2, N) or (0,), row statistics (N, 8))
+    csd_kernels::distill_rows_backward(student, teacher, active, labels?, stats, grad_rows, <spec>,
+        backend, inplace) -> gradient w.r.t. student
+
+with `register_fake` (shapes for FakeTensor tracing) and `register_autograd`, so `torch.compile`
+(fullgraph=True, static or dynamic shapes) treats each as one opaque node instead of breaking the graph
+at a Python autograd.Function or a Triton launch. `custom_op` rather than `torch.library.triton_op`:
+the same operator must run the PyTorch backend and the Triton interpreter on CPU, and an opaque node is
+all the compiler needs (it has nothing to fuse across a streaming pass over the vocabulary). Shapes are
+runtime kernel arguments, never `tl.constexpr`, so a new sequence length does not recompile the Triton
+kernels (Triton may specialise an int on divisibility by 16, which bounds the variants at two).
+
+`inplace` writes the gradient into the student logits' storage: the backward operator then declares
+that it mutates `student`, which bumps its version counter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .contract import KINDS, LossSpec
+from .kernels import stats as st
+
+_BACKEND_MODULES = {
+    "torch": "csd_kernels.kernels.torch_backend",
+    "triton": "csd_kernels.kernels.triton_backend",
+}
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreter_on() -> bool:
+    # Triton decides interpreter-or-compiler when a kernel is decorated, i.e. when our kernel module is
+    # first imported; this reads the same switch.
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, student: torch.Tensor, teacher: torch.Tensor) -> str:
+    """"auto" means Triton for CUDA tensors when Triton is installed, PyTorch otherwise (and for float64,
+    which the Triton kernels, computing in fp32, do not take)."""
+    device = student.device
+    float64 = torch.float64 in (student.dtype, teacher.dtype)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and not float64 and _triton_importable() else "torch"
+    if backend == "triton":
+        if float64:
+            raise TypeError(
+                "backend='triton' computes in fp32 and does not take float64 logits "
+                f"(got {student.dtype} and {teacher.dtype}); use backend='torch'"
+            )
+        if not _triton_importable():
+            raise ValueError("backend='triton' needs the `triton` package, which is not installed")
+        if device.type != "cuda" and not _interpreter_on():
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors, got tensors on {device}; on CPU set "
+                f"TRITON_INTERPRET=1 before importing triton to use Triton's interpreter"
+            )
+    return backend
+
+
+def backend_module(name: str) -> ModuleType:
+    # Imported lazily: importing csd_kernels must not import triton (or query a GPU).
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+def _spec(w1, w2, temperature, teacher_temperature, kind, csd_weight, ce_weight) -> LossSpec:
+    return LossSpec(tuple(w1), tuple(w2), temperature, teacher_temperature, KINDS[kind],
+                    csd_weight=csd_weight, ce_weight=ce_weight)
+
+
+def _result_dtype(student: Tensor, teacher: Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+
+
+@torch.library.custom_op("csd_kernels::distill_rows", mutates_args=())
+def distill_rows(
+    student: Tensor, teacher: Tensor, active: Tensor, labels: Optional[Tensor],
+    w1: List[float], w2: List[float], temperature: float, teacher_temperature: float, kind: int,
+    csd_weight: float, ce_weight: float, backend: str, components: bool, inplace: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    spec = _spec(w1, w2, temperature, teacher_temperature, kind, csd_weight, ce_weight)
+    total, parts, stats = backend_module(backend).forward(student, teacher, active, labels, spec, components)
+    if parts is None:
+        parts = total.new_empty(0)
+    return total, parts, stats
+
+
+@distill_rows.register_fake
+def _(student, teacher, active, labels, w1, w2, temperature, teacher_temperature, kind, csd_weight,
+      ce_weight, backend, components, inplace):
+    n_rows, dtype = active.shape[0], _result_dtype(student, teacher)
+    parts = student.new_empty((2, n_rows) if components else (0,), dtype=dtype)
+    return (student.new_empty(n_rows, dtype=dtype), parts,
+            student.new_empty((n_rows, st.NUM_STATS), dtype=dtype))
+
+
+@torch.library.custom_op("csd_kernels::distill_rows_backward", mutates_args=())
+def distill_rows_backward(
+    student: Tensor, teacher: Tensor, active: Tensor, labels: Optional[Tensor], stats: Tensor,
+    grad_rows: Tensor, w1: List[float], w2: List[float], temperature: float,
+    teacher_temperature: float, kind: int, csd_weight: float, ce_weight: float, backend: str,
+) -> Tensor:
+    spec = _spec(w1, w2, temperature, teacher_temperature, kind, csd_weight, ce_weight)
+    return backend_module(backend).backward(student, teacher, active, labels, stats, grad_rows, spec)
+
+
+@distill_rows_backward.register_fake
+def _(student, teacher, active, labels, stats, grad_rows, *args):
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+@torch.library.custom_op("csd_kernels::distill_rows_backward_", mutates_args=("student",))
+def distill_rows_backward_inplace(
+    student: Tensor, teacher: Tensor, active: Tensor, labels: Optional[Tensor], stats: Tensor,
+    grad_rows: Tensor, w1: List[float], w2: List[float], temperature: float,
+    teacher_temperature: float, kind: int, csd_weight: float, ce_weight: float, backend: str,
+) -> None:
+    spec = _spec(w1, w2, temperature, teacher_temperature, kind, csd_weight, ce_weight)
+    backend_module(backend).backward(student, teacher, active, labels, stats, grad_rows, spec, out=student)
+
+
+@distill_rows_backward_inplace.register_fake
+def _(*args):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, active, labels, *params = inputs
+    ctx.save_for_backward(student, teacher, active, labels, output[2])
+    ctx.params = params[:-3]  # (w1, w2, temperature, teacher_temperature, kind, csd_weight, ce_weight)
+    ctx.backend, ctx.inplace = params[-3], params[-1]
+
+
+def _backward(ctx, grad_total, grad_parts, grad_stats):
+    student, teacher, active, labels, stats = ctx.saved_tensors
+    if ctx.inplace:
+        distill_rows_backward_inplace(student, teacher, active, labels, stats, grad_total, *ctx.params,
+                                      ctx.backend)
+        grad = student
+    else:
+        grad = distill_rows_backward(student, teacher, active, labels, stats, grad_total, *ctx.params,
+                                     ctx.backend)
+    return (grad,) + (None,) * 13
+
+
+distill_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+def apply_loss(student, teacher, active, labels, spec: LossSpec, backend: str, components: bool,
+               inplace: bool):
+    """Call the operator with a LossSpec: (total (N,), components (2, N) or (0,))."""
+    total, parts, _ = distill_rows(
+        student, teacher, active, labels, list(spec.w1), list(spec.w2), spec.temperature,
+        spec.teacher_temperature, spec.kind_code, spec.csd_weight, spec.ce_weight, backend,
+        components, inplace)
+    return total, parts.detach()  # the components are for logging

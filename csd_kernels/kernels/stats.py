@@ -49,3 +49,13 @@ SHIFT = 4  # c
 INV_N = 5  # 1 / n (0 for an empty row)
 LSE_1 = 6  # log-sum-exp of s at temperature 1 over the student's finite entries (cross-entropy only)
 NUM_STATS = 8  # 7 used; rows of 32 bytes
+
+# Partial row statistics of a range of columns, before the row is finalised (the Triton kernels' split
+# rows, vocabulary-parallel shards): maxima in log2 units (base-2 exponentials, as the kernels use).
+P_SHIFT = 0  # c
+P_S = 1  # (m, Z, M1, M2) of S
+P_T = 5  # (m, Z, M1, M2) of T
+P_N = 9  # n
+P_U = 10  # (M1, M2) of U
+P_CE = 12  # (m, Z) of the cross-entropy's softmax
+PARTIAL = 16  # 14 used

@@ -17,6 +17,9 @@ import torch
 from ..contract import LossSpec
 from . import stats as st
 
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
 # Each temporary of the chunk loop holds N * chunk elements, and about ten are alive at once. On a CPU,
 # 2^18 elements (1 MiB in fp32) keep them in cache: measured on 2 cores at N=2048, V=32000 fp32, forward
 # + backward took 3.9 s with 2^18 and 9.0 s with 2^22 elements. On a GPU, every op is a kernel launch,
@@ -78,10 +81,6 @@ class _OnlineMoments:
             self.m2 = self.m2 * alpha + (pd * dd).sum(-1)
         self.m = m_new
 
-    def lse_and_moments(self):
-        """(log Z, E[d - c], E[(d - c)^2]); NaN for an empty row, which the caller discards."""
-        return self.m + torch.log(self.z), self.m1 / self.z, self.m2 / self.z
-
 
 def _mix(coeffs, means):
     total = 0.0
@@ -100,20 +99,15 @@ def _label_logits(student, labels, n_rows, vocab, dtype):
     return torch.where(in_range, picked, math.nan), labels, in_range
 
 
-def forward(
+def partials(
     student: torch.Tensor,
     teacher: torch.Tensor,
     active: torch.Tensor,
     labels: Optional[torch.Tensor],
     spec: LossSpec,
-    components: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """(total (N,), components (2, N) = [loss, CE] or None, row statistics (N, NUM_STATS)).
-
-    Everything is in the compute dtype; `total` is csd_weight * loss + ce_weight * CE (just the loss
-    without CE), and excluded positions are 0."""
+) -> torch.Tensor:
+    """The streaming pass: (N, stats.PARTIAL) row statistics of these columns (layout in stats.py)."""
     n_rows = active.numel()
-    vocab = student.shape[-1]
     dtype = _compute_dtype(student, teacher)
     device = student.device
     zeros = torch.zeros(n_rows, dtype=dtype, device=device)
@@ -139,26 +133,54 @@ def forward(
             u2 = u2 + (dd * dd).sum(-1)
         if ce_lse is not None:  # the usual cross-entropy: all the student's entries, temperature 1
             ce_lse.update(s, s != -math.inf, None)
-    if shift is None:  # zero rows: nothing was read
-        shift = zeros
 
-    stats = torch.zeros(n_rows, st.NUM_STATS, dtype=dtype, device=device)
+    out = torch.zeros(n_rows, st.PARTIAL, dtype=dtype, device=device)
+    out[:, st.P_SHIFT] = shift if shift is not None else 0.0
+    for base, column in zip(bases + [ce_lse], (st.P_S, st.P_T, st.P_CE)):
+        if base is None:
+            out[:, column] = -math.inf
+            continue
+        out[:, column] = base.m * LOG2E  # maxima in log2 units, as the Triton kernels keep them
+        out[:, column + 1] = base.z
+        if column != st.P_CE:
+            out[:, column + 2] = base.m1
+            out[:, column + 3] = base.m2
+    out[:, st.P_N] = count
+    out[:, st.P_U] = u1
+    out[:, st.P_U + 1] = u2
+    return out
+
+
+def finalize(
+    parts: torch.Tensor,
+    student: torch.Tensor,
+    active: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    spec: LossSpec,
+    components: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Row statistics (N, PARTIAL) -> (total (N,), components (2, N) = [loss, CE] or None, stats)."""
+    n_rows = active.numel()
+    dtype = parts.dtype
+    zeros = torch.zeros(n_rows, dtype=dtype, device=parts.device)
+    shift, count = parts[:, st.P_SHIFT], parts[:, st.P_N]
+    stats = torch.zeros(n_rows, st.NUM_STATS, dtype=dtype, device=parts.device)
     inv_n = torch.where(count > 0, 1.0 / count, 0.0)
     means, squares = [], []
-    for b, base in enumerate(bases):
-        if base is None:
+    for b, column in enumerate((st.P_S, st.P_T)):
+        if not spec.needs(b):
             means.append(zeros)
             squares.append(zeros)
             continue
-        lse, mean, square = base.lse_and_moments()
-        stats[:, (st.LSE_S, st.LSE_T)[b]] = lse
-        means.append(mean)
-        squares.append(square)
-    means.append(u1 * inv_n)
-    squares.append(u2 * inv_n)
+        m, z, m1, m2 = (parts[:, column + k] for k in range(4))
+        stats[:, (st.LSE_S, st.LSE_T)[b]] = m * LN2 + torch.log(z)
+        means.append(m1 / z)  # NaN for an empty row, discarded below
+        squares.append(m2 / z)
+    means.append(parts[:, st.P_U] * inv_n)
+    squares.append(parts[:, st.P_U + 1] * inv_n)
 
     e1, e2 = _mix(spec.w1, means), _mix(spec.w2, means)
-    if csd:
+    if spec.kind == "csd":
         q1, q2 = _mix(spec.w1, squares), _mix(spec.w2, squares)
         loss = 0.25 * ((q1 - e1 * e1) + (q2 - e2 * e2) + (e1 - e2) ** 2)
     else:  # KL spec: w1 = S, w2 = T, one temperature; log p_S - log p_T = d / tau - lse_S + lse_T
@@ -177,14 +199,30 @@ def forward(
     stats[:, st.INV_N] = inv_n
     total = loss if spec.csd_weight == 1.0 else spec.csd_weight * loss
     ce = None
-    if ce_lse is not None:
-        lse1 = ce_lse.m + torch.log(ce_lse.z)
+    if spec.has_ce:
+        lse1 = parts[:, st.P_CE] * LN2 + torch.log(parts[:, st.P_CE + 1])
         stats[:, st.LSE_1] = lse1
-        label_logit, _, _ = _label_logits(student, labels, n_rows, vocab, dtype)
+        label_logit, _, _ = _label_logits(student, labels, n_rows, student.shape[-1], dtype)
         ce = torch.where(active, lse1 - label_logit, 0.0)
         total = total + spec.ce_weight * ce
-    parts = torch.stack([loss, ce if ce is not None else zeros]) if components else None
-    return total, parts, stats
+    pieces = torch.stack([loss, ce if ce is not None else zeros]) if components else None
+    return total, pieces, stats
+
+
+def forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    active: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    spec: LossSpec,
+    components: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(total (N,), components (2, N) = [loss, CE] or None, row statistics (N, NUM_STATS)).
+
+    Everything is in the compute dtype; `total` is csd_weight * loss + ce_weight * CE (just the loss
+    without CE), and excluded positions are 0."""
+    return finalize(partials(student, teacher, active, labels, spec), student, active, labels, spec,
+                    components)
 
 
 def backward(

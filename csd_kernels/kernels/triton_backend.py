@@ -43,8 +43,8 @@ from . import stats as st
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 STATS = tl.constexpr(8)  # row stride of the statistics buffer: stats.NUM_STATS
-# A partial row statistic: shift, (m, Z, M1, M2) of S, the same of T, (n, M1, M2) of U, (m, Z) of the
-# cross-entropy's softmax, padding.
+# A partial row statistic (stats.P_*): shift, (m, Z, M1, M2) of S, the same of T, (n, M1, M2) of U,
+# (m, Z) of the cross-entropy's softmax, padding.
 PARTIAL = tl.constexpr(16)
 NAN = tl.constexpr(float("nan"))
 
@@ -164,6 +164,8 @@ def _finalize(
             tl.store(comp_ptr + N + row, ce)
     if COMPONENTS:
         tl.store(comp_ptr + row, loss)
+        if not CE:
+            tl.store(comp_ptr + N + row, 0.0)
     tl.store(loss_ptr + row, total)
     tl.store(stats_row + 0, lse_s)
     tl.store(stats_row + 1, lse_t)
@@ -444,6 +446,63 @@ def _flags(spec: LossSpec):
                 LOSS=spec.kind_code, CE=spec.has_ce)
 
 
+def _launch_forward(student, teacher, active, labels, spec, components, programs, partials):
+    """The forward kernel over all rows; `partials` (N, programs, PARTIAL) when split, else None."""
+    vocab = student.shape[-1]
+    n_rows = active.numel()
+    device = student.device
+    total = torch.empty(n_rows, dtype=torch.float32, device=device)
+    parts = torch.empty(2, n_rows, dtype=torch.float32, device=device) if components else None
+    # Zeroed (N x 32 bytes, negligible): excluded rows and the padding column are never written, and an
+    # operator's outputs must not carry uninitialised memory.
+    stats = torch.zeros(n_rows, st.NUM_STATS, dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return total, parts, stats
+    (s, t), l1, ((s_so, s_si), (t_so, t_si)) = _rows(student, teacher)
+    block, num_warps = block_config(vocab)
+    cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
+    labels = labels.reshape(n_rows) if spec.has_ce else active  # a placeholder pointer otherwise
+    comp = parts if components else total  # likewise
+    _fwd_kernel[(n_rows, programs)](
+        s, t, labels, active, partials if partials is not None else total, total, comp, stats,
+        n_rows, vocab, l1, cols_per_program,
+        s_so, s_si, t_so, t_si,
+        *_launch_constants(spec),
+        SPLIT=partials is not None, BLOCK=block, num_warps=num_warps, COMPONENTS=components, **_flags(spec),
+    )
+    return total, parts, stats
+
+
+def partials(student, teacher, active, labels, spec, programs: int = 1) -> torch.Tensor:
+    """(N, programs, PARTIAL) row statistics of `programs` column ranges each (layout in stats.py)."""
+    out = torch.zeros(active.numel(), programs, st.PARTIAL, dtype=torch.float32, device=student.device)
+    _launch_forward(student, teacher, active, labels, spec, False, programs, out)
+    return out
+
+
+def finalize(parts, student, active, labels, spec, components: bool = False):
+    """Merge (N, P, PARTIAL) partial statistics of each row (in a fixed order) and finalise the rows:
+    (total (N,), components (2, N) or None, stats (N, NUM_STATS)). CE reads s[label] from `student`."""
+    n_rows = active.numel()
+    device = parts.device
+    total = torch.empty(n_rows, dtype=torch.float32, device=device)
+    pieces = torch.empty(2, n_rows, dtype=torch.float32, device=device) if components else None
+    stats = torch.zeros(n_rows, st.NUM_STATS, dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return total, pieces, stats
+    parts = parts.reshape(n_rows, -1, st.PARTIAL)
+    (s,), l1, ((s_so, s_si),) = _rows(student)
+    constants = _launch_constants(spec)
+    _merge_kernel[(n_rows,)](
+        parts, s, labels.reshape(n_rows) if spec.has_ce else active, active, total,
+        pieces if components else total, stats,
+        n_rows, student.shape[-1], l1, s_so, s_si, parts.shape[1],
+        constants[0], *constants[2:],
+        BLOCK_P=triton.next_power_of_2(parts.shape[1]), num_warps=1, COMPONENTS=components, **_flags(spec),
+    )
+    return total, pieces, stats
+
+
 def forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -457,41 +516,13 @@ def forward(
 
     `total` is csd_weight * loss + ce_weight * CE, 0 at excluded positions. `splits` overrides the
     programs-per-row heuristic (tests use it)."""
-    vocab = student.shape[-1]
-    n_rows = active.numel()
-    device = student.device
-    total = torch.empty(n_rows, dtype=torch.float32, device=device)
-    parts = torch.empty(2, n_rows, dtype=torch.float32, device=device) if components else None
-    # Zeroed (N x 32 bytes, negligible): excluded rows and the padding column are never written, and an
-    # operator's outputs must not carry uninitialised memory.
-    stats = torch.zeros(n_rows, st.NUM_STATS, dtype=torch.float32, device=device)
-    if n_rows == 0:
-        return total, parts, stats
-    (s, t), l1, ((s_so, s_si), (t_so, t_si)) = _rows(student, teacher)
-    labels = labels.reshape(n_rows) if spec.has_ce else active  # a placeholder pointer otherwise
-    comp = parts if components else total  # likewise
-    block, num_warps = block_config(vocab)
-    programs = split_count(n_rows, vocab, block, device) if splits is None else splits
-    cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
-    partial_shape = (n_rows, programs, PARTIAL.value) if programs > 1 else (1,)
-    partials = torch.empty(partial_shape, dtype=torch.float32, device=device)
-    constants = _launch_constants(spec)
-    flags = dict(_flags(spec), COMPONENTS=components)
-    _fwd_kernel[(n_rows, programs)](
-        s, t, labels, active, partials, total, comp, stats,
-        n_rows, vocab, l1, cols_per_program,
-        s_so, s_si, t_so, t_si,
-        *constants,
-        SPLIT=programs > 1, BLOCK=block, num_warps=num_warps, **flags,
-    )
-    if programs > 1:
-        _merge_kernel[(n_rows,)](
-            partials, s, labels, active, total, comp, stats,
-            n_rows, vocab, l1, s_so, s_si, programs,
-            constants[0], *constants[2:],
-            BLOCK_P=triton.next_power_of_2(programs), num_warps=1, **flags,
-        )
-    return total, parts, stats
+    vocab, n_rows = student.shape[-1], active.numel()
+    block, _ = block_config(vocab)
+    programs = split_count(n_rows, vocab, block, student.device) if splits is None else splits
+    if programs == 1:  # one program per row finalises its own row: a single kernel
+        return _launch_forward(student, teacher, active, labels, spec, components, 1, None)
+    split = partials(student, teacher, active, labels, spec, programs)
+    return finalize(split, student, active, labels, spec, components)
 
 
 def backward(

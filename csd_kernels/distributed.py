@@ -1,0 +1,183 @@
+"""Vocabulary-parallel CSD and KL over torch.distributed (Megatron-style tensor-parallel output layers).
+
+Each rank holds a contiguous slice of the vocabulary of both models' logits. The row statistics of
+`kernels/stats.py` are maxima and sums, so they combine across ranks exactly:
+
+1. each rank streams its slice once and keeps the partial statistics of every row (N x 16 floats);
+2. one all-reduce MAX combines, at once, the running maxima of every softmax and a common shift c
+   (the largest of the ranks' shifts; each rank re-centres its moments on it, exactly);
+3. one all-reduce SUM combines the rescaled normalisers and moments and the valid-entry counts (so the
+   uniform weights use the global vocabulary size, counted, not assumed);
+4. every rank finalises the rows identically, and its backward, with no collective at all, writes the
+   slice of the full gradient that belongs to its slice of the logits.
+
+So: two collectives per forward, none in the backward, O(N) fp32 on the wire (fp64 for float64
+inputs), no host synchronisation.
+
+Composition. With data parallelism too, call this inside the tensor-parallel group (`group`): the loss
+is then the loss of this data-parallel rank's batch, and gradients average over the data-parallel group
+as usual. To average over *tokens* across data-parallel ranks instead (as transformers' Trainer does),
+pass `num_items_in_batch` = the global number of counted tokens (an all-reduced count, the same on every
+rank of the tensor-parallel group) with reduction="mean".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .contract import (
+    LossSpec,
+    active_positions,
+    check_inputs,
+    kl_spec,
+    parse_weighting,
+    reduce_rows,
+)
+from .kernels import stats as st
+from .ops import backend_module, resolve_backend
+
+_KEYWORDS = {"temperature", "labels", "ignore_index", "mask", "reduction", "num_items_in_batch", "backend"}
+
+
+def _check_group(group) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("vocabulary-parallel losses need an initialised torch.distributed process group")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of `group`")
+
+
+def _check_consistency(student, group) -> None:
+    """Opt-in: compare the leading shape across ranks (one small all-gather and a host sync)."""
+    shape = torch.tensor(list(student.shape[:-1]) + [student.dim()], dtype=torch.int64, device=student.device)
+    size = torch.tensor([shape.numel()], device=student.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    if len({int(s) for s in sizes}) != 1:
+        raise ValueError(f"shards have different numbers of leading dims across ranks: {[int(s) - 1 for s in sizes]}")
+    shapes = [torch.zeros_like(shape) for _ in sizes]
+    dist.all_gather(shapes, shape, group=group)
+    if any(not torch.equal(s, shape) for s in shapes):
+        raise ValueError("shards have different leading shapes across ranks: "
+                         f"{[tuple(s[:-1].tolist()) for s in shapes]}")
+
+
+def all_reduce_partials(parts: torch.Tensor, group=None) -> torch.Tensor:
+    """Combine per-rank partial row statistics (N, PARTIAL) into the full rows' (two collectives)."""
+    count = parts[:, st.P_N]
+    # A rank with no valid entry in a row has no meaningful shift: keep it out of the common one.
+    maxima = torch.stack([torch.where(count > 0, parts[:, st.P_SHIFT], -math.inf),
+                          parts[:, st.P_S], parts[:, st.P_T], parts[:, st.P_CE]], dim=1)
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(maxima[:, 0] == -math.inf, 0.0, maxima[:, 0])
+    delta = torch.where(count > 0, parts[:, st.P_SHIFT] - shift, 0.0)
+
+    def rescale(column, maximum):
+        safe = torch.where(maximum == -math.inf, 0.0, maximum)
+        return torch.exp2(parts[:, column] - safe)
+
+    sums = []
+    for column, maximum in ((st.P_S, maxima[:, 1]), (st.P_T, maxima[:, 2])):
+        a = rescale(column, maximum)
+        z, m1, m2 = parts[:, column + 1], parts[:, column + 2], parts[:, column + 3]
+        sums += [z * a, (m1 + z * delta) * a, (m2 + 2 * delta * m1 + z * delta * delta) * a]
+    u1, u2 = parts[:, st.P_U], parts[:, st.P_U + 1]
+    sums += [count, u1 + count * delta, u2 + 2 * delta * u1 + count * delta * delta]
+    sums.append(parts[:, st.P_CE + 1] * rescale(st.P_CE, maxima[:, 3]))
+    sums = torch.stack(sums, dim=1)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+
+    merged = torch.zeros_like(parts)
+    merged[:, st.P_SHIFT] = shift
+    merged[:, st.P_S] = maxima[:, 1]
+    merged[:, st.P_S + 1 : st.P_S + 4] = sums[:, 0:3]
+    merged[:, st.P_T] = maxima[:, 2]
+    merged[:, st.P_T + 1 : st.P_T + 4] = sums[:, 3:6]
+    merged[:, st.P_N] = sums[:, 6]
+    merged[:, st.P_U : st.P_U + 2] = sums[:, 7:9]
+    merged[:, st.P_CE] = maxima[:, 3]
+    merged[:, st.P_CE + 1] = sums[:, 9]
+    return merged
+
+
+class VocabParallelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, active, spec: LossSpec, backend: str, group):
+        kernels = backend_module(backend)
+        parts = kernels.partials(student, teacher, active, None, spec).reshape(active.numel(), st.PARTIAL)
+        merged = all_reduce_partials(parts, group)
+        total, _, stats = kernels.finalize(merged, student, active, None, spec)
+        ctx.save_for_backward(student, teacher, active, stats)
+        ctx.spec, ctx.backend = spec, backend
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        student, teacher, active, stats = ctx.saved_tensors
+        grad = backend_module(ctx.backend).backward(student, teacher, active, None, stats, grad_rows, ctx.spec)
+        return grad, None, None, None, None, None
+
+
+def _vocab_parallel(student, teacher, spec_of, group, check_consistency, kw):
+    unknown = set(kw) - _KEYWORDS - {"weighting", "teacher_temperature"}
+    if unknown:
+        raise TypeError(f"unsupported keyword argument(s) {sorted(unknown)} (the fused cross-entropy is "
+                        f"not available vocabulary-parallel yet)")
+    _check_group(group)
+    temperature, teacher_temperature = check_inputs(
+        student, teacher, temperature=kw.get("temperature", 1.0),
+        teacher_temperature=kw.get("teacher_temperature", 1.0), labels=kw.get("labels"),
+        ignore_index=kw.get("ignore_index", -100), mask=kw.get("mask"),
+        reduction=kw.get("reduction", "mean"), num_items_in_batch=kw.get("num_items_in_batch"),
+        backend=kw.get("backend", "auto"))
+    if teacher.shape[-1] != student.shape[-1]:
+        raise ValueError(f"the teacher shard must cover the student shard's columns exactly, got widths "
+                         f"{teacher.shape[-1]} and {student.shape[-1]}")
+    if check_consistency:
+        _check_consistency(student, group)
+    spec = spec_of(temperature, teacher_temperature)
+    backend = resolve_backend(kw.get("backend", "auto"), student, teacher)
+    lead = student.shape[:-1]
+    active = active_positions(lead, student.device, kw.get("labels"), kw.get("mask"), kw.get("ignore_index", -100))
+    total = VocabParallelFunction.apply(student, teacher, active, spec, backend, group)
+    return reduce_rows(total, active, lead, kw.get("reduction", "mean"), kw.get("num_items_in_batch"))
+
+
+def vocab_parallel_csd_loss(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
+                            group: Optional[dist.ProcessGroup] = None, check_consistency: bool = False,
+                            **csd_loss_keywords) -> torch.Tensor:
+    """`csd_loss` of the full-vocabulary logits, from this rank's contiguous vocabulary slice.
+
+    Args:
+        student_logits_shard, teacher_logits_shard: (..., V_r), this rank's columns of both models'
+            logits (shards may differ in width across ranks; the teacher shard must cover exactly the
+            student shard's columns). Leading dims must be equal on every rank.
+        group: the tensor-parallel process group (default: the world).
+        check_consistency: verify on every call that all ranks pass the same leading shape (one small
+            all-gather and a host sync; off by default). Without it, mismatched ranks fail or hang in
+            the collective, as with any collective.
+        **csd_loss_keywords: weighting, temperature, teacher_temperature, labels, ignore_index, mask,
+            reduction, num_items_in_batch, backend, as in `csd_loss` (labels/mask identical on every
+            rank).
+
+    Collectives: two all-reduces per forward (one MAX, one SUM) of N x 4 and N x 10 floats; none in the
+    backward. Returns the same loss on every rank; each rank's gradient is its slice of the full one.
+    """
+    kw = csd_loss_keywords
+    weighting = parse_weighting(kw.get("weighting", "ss"))
+    return _vocab_parallel(student_logits_shard, teacher_logits_shard,
+                           lambda tau, tau_t: LossSpec(*weighting, tau, tau_t), group, check_consistency, kw)
+
+
+def vocab_parallel_kl_loss(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
+                           kind: str = "forward", group: Optional[dist.ProcessGroup] = None,
+                           check_consistency: bool = False, **kl_loss_keywords) -> torch.Tensor:
+    """`kl_loss` of the full-vocabulary logits from this rank's slice; as `vocab_parallel_csd_loss`."""
+    if "teacher_temperature" in kl_loss_keywords or "weighting" in kl_loss_keywords:
+        raise TypeError("vocab_parallel_kl_loss takes `temperature` (both sides), not weighting/teacher_temperature")
+    kl_spec(kind, 1.0)  # validates `kind`
+    return _vocab_parallel(student_logits_shard, teacher_logits_shard,
+                           lambda tau, _: kl_spec(kind, tau), group, check_consistency, kl_loss_keywords)

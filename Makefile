@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 #   make test CPU_TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: install test bench clean
+.PHONY: install test bench example clean
 
 $(VENV)/.installed: setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 		echo "no GPU: installing the CPU build of torch ($(CPU_TORCH))"; \
 		$(BIN)/python -m pip install --quiet $(CPU_TORCH); \
 	fi
-	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,hf]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,6 +27,9 @@ test: install
 
 bench: install
 	$(BIN)/python -m benchmarks
+
+example: install
+	$(BIN)/python examples/distill_tiny.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -96,7 +96,7 @@ def _label_logits(student, labels, n_rows, vocab, dtype):
     in_range = (labels >= 0) & (labels < vocab)
     index = torch.where(in_range, labels, 0).view(*student.shape[:-1], 1)
     picked = student.gather(-1, index).reshape(n_rows).to(dtype)  # reads one entry per row
-    return torch.where(in_range, picked, math.nan), labels, in_range
+    return torch.where(in_range, picked, math.nan)
 
 
 def partials(
@@ -202,7 +202,7 @@ def finalize(
     if spec.has_ce:
         lse1 = parts[:, st.P_CE] * LN2 + torch.log(parts[:, st.P_CE + 1])
         stats[:, st.LSE_1] = lse1
-        label_logit, _, _ = _label_logits(student, labels, n_rows, student.shape[-1], dtype)
+        label_logit = _label_logits(student, labels, n_rows, student.shape[-1], dtype)
         ce = torch.where(active, lse1 - label_logit, 0.0)
         total = total + spec.ce_weight * ce
     pieces = torch.stack([loss, ce if ce is not None else zeros]) if components else None

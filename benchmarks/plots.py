@@ -38,6 +38,7 @@ def plot(rows, metric: str, mode: str, ylabel: str, scale: float, out: str, titl
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     selected = _ok(rows, metric, mode)
     # Panels for the swept shapes only (a lone memory-only case, like the CPU memory target, is not one).
@@ -57,6 +58,9 @@ def plot(rows, metric: str, mode: str, ylabel: str, scale: float, out: str, titl
                     markersize=3, label=provider)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        vocabs = sorted({v for points in series.values() for v, _ in points})
+        ax.set_xticks(vocabs, [f"{v // 1000}k" if v >= 1000 else str(v) for v in vocabs])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("vocabulary size V")
         ax.set_ylabel(ylabel)
         ax.set_title(f"N = {n}, {dtype}")

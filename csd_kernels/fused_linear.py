@@ -39,6 +39,7 @@ _CSD_KEYWORDS = {
     "weighting", "temperature", "teacher_temperature", "labels", "ignore_index", "mask", "reduction",
     "num_items_in_batch", "backend", "ce_weight", "csd_weight", "validate_labels",
 }
+_MM_OUT_DTYPE = [True]  # whether torch.mm(..., out_dtype=torch.float32) works for CUDA tensors
 # Rows per chunk: the chunk's fp32 logits (student, teacher) take at most this many bytes.
 _CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 
@@ -63,9 +64,13 @@ def _logits_fp32(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """hidden @ weight.T (+ bias) with an fp32 result, from inputs in their own dtype where possible."""
     if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
         out = hidden @ weight.t()
-    elif hidden.is_cuda:
-        out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)  # low-precision GEMM, fp32 output
-    else:  # CPU: no mixed-precision GEMM with fp32 output; `weight` was upcast once by the caller
+    elif hidden.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)  # low-precision GEMM, fp32 output
+        except (RuntimeError, TypeError):  # a PyTorch without mm(out_dtype=): upcast instead, from now on
+            _MM_OUT_DTYPE[0] = False
+            return _logits_fp32(hidden, weight, bias)
+    else:  # no mixed-precision GEMM with fp32 output here; on CPU `weight` was upcast once by the caller
         out = hidden.float() @ weight.float().t()
     if bias is not None:
         out += bias.float()

@@ -173,12 +173,14 @@ def test_gpu_no_sync_and_cuda_graph_replay():
 
 @pytest.mark.gpu
 def test_gpu_new_sequence_length_does_not_recompile_kernels():
+    """N is a runtime argument: Triton may specialise it on divisibility by 16, nothing more."""
     from csd_kernels.kernels import triton_backend as tb
 
-    for n in (100, 200, 300, 400):
+    for n in (100, 200, 300, 400, 1000, 1003):
         s, t = make_logits(lead=(n,), vocab=32000, dtype=torch.bfloat16)
         csd_loss(s.requires_grad_(True), t, backend="triton").backward()
-    variants = sum(len(c) for c in tb._fwd_kernel.device_caches[0][0].values()) if hasattr(
-        tb._fwd_kernel, "device_caches") else None
-    if variants is not None:
-        assert variants <= 2, f"{variants} forward kernel variants for 4 sequence lengths"
+    caches = getattr(tb._fwd_kernel, "device_caches", None)
+    if not caches:
+        pytest.skip("this Triton version keeps its kernel cache elsewhere")
+    entries = sum(len(cache[0]) for cache in caches.values())
+    assert entries <= 4, f"{entries} compiled forward kernels for 6 sequence lengths"

@@ -39,7 +39,7 @@ _CSD_KEYWORDS = {
     "weighting", "temperature", "teacher_temperature", "labels", "ignore_index", "mask", "reduction",
     "num_items_in_batch", "backend", "ce_weight", "csd_weight", "validate_labels",
 }
-_MM_OUT_DTYPE = [True]  # whether torch.mm(..., out_dtype=torch.float32) works for CUDA tensors
+_MM_OUT_DTYPE = [True]  # whether mm/addmm(..., out_dtype=torch.float32) work for CUDA tensors
 # Rows per chunk: the chunk's fp32 logits (student, teacher) take at most this many bytes.
 _CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 
@@ -77,6 +77,20 @@ def _logits_fp32(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return out
 
 
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, with a low-precision GEMM accumulating in fp32 where the device has one."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b.to(torch.float32))
+        return
+    if a.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):  # a PyTorch without addmm(out_dtype=): fp32 from now on
+            _MM_OUT_DTYPE[0] = False
+    acc.addmm_(a.float(), b.float())
+
+
 def _run_chunks(hidden, weight, bias, teacher, rows, active, labels, spec, kernels, chunk_size,
                 grad_rows=None, want_grads=False):
     """Stream the rows in chunks: per-position losses, and the gradients if `want_grads`.
@@ -110,10 +124,15 @@ def _run_chunks(hidden, weight, bias, teacher, rows, active, labels, spec, kerne
         upstream = grad_rows.expand(index.numel()) if grad_rows.numel() == 1 else grad_rows.index_select(0, index)
         g = kernels.backward(s, t, act, lab, stats, upstream, spec, out=s)  # the logits' storage
         grad_hidden, grad_weight, grad_bias = grads
-        grad_hidden.index_copy_(0, index, (g @ weight.to(g.dtype)).to(hidden.dtype))
-        grad_weight.addmm_(g.t(), h.to(g.dtype))
         if grad_bias is not None:
             grad_bias += g.sum(0)
+        if weight.dtype != g.dtype:
+            # Low-precision weights (CUDA): the logits gradient goes into the GEMMs in their dtype, as
+            # in unfused training (never the V x H weight upcast to fp32, which would cost 4 bytes per
+            # weight per chunk). grad_weight still accumulates in fp32.
+            g = g.to(weight.dtype)
+        grad_hidden.index_copy_(0, index, (g @ weight).to(hidden.dtype))
+        _accumulate(grad_weight, g.t(), h)
     return row_loss, grads
 
 

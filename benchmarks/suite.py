@@ -233,6 +233,9 @@ def run(cases: Iterable[Case], path: str, device: torch.device, repeats: int = 3
         except torch.cuda.OutOfMemoryError:
             status = "out of memory"
             writer.row(case, "full", "time", None, "ms", status=status)
+        except Exception as error:  # one broken provider (a compiler failure, say) must not end the run
+            status = f"error: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            writer.row(case, "full", "time", None, "ms", status=status)
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()

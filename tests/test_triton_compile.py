@@ -62,8 +62,11 @@ def compile_all():
                 (k._bwd_kernel, dict(flags, BLOCK=4096), 8),
             ]
             for kernel, constexprs, warps in variants:
-                source = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs),
-                                   constexprs=constexprs)
+                signature = _signature(kernel, dtype, constexprs)
+                try:
+                    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+                except TypeError:  # Triton < 3.3 calls them `constants`
+                    source = ASTSource(fn=kernel, signature=signature, constants=constexprs)
                 binary = triton.compile(source, target=target, options={"num_warps": warps})
                 assert binary.asm["cubin"], f"no cubin for {kernel.fn.__name__}"
                 compiled.append(kernel.fn.__name__)

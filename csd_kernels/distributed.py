@@ -12,7 +12,9 @@ Each rank holds a contiguous slice of the vocabulary of both models' logits. The
    slice of the full gradient that belongs to its slice of the logits.
 
 So: two collectives per forward, none in the backward, O(N) fp32 on the wire (fp64 for float64
-inputs), no host synchronisation.
+inputs), no host synchronisation. The fused cross-entropy adds its log-sum-exp to the same two, and the
+label's logit, which lives on one rank, to the SUM; only locating a shard's first column, when the
+caller does not pass `vocab_start`, takes a third collective (an all-gather of the shard widths).
 
 Composition. With data parallelism too, call this inside the tensor-parallel group (`group`): the loss
 is then the loss of this data-parallel rank's batch, and gradients average over the data-parallel group
@@ -24,6 +26,7 @@ rank of the tensor-parallel group) with reduction="mean".
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -33,12 +36,15 @@ from .contract import (
     LossSpec,
     active_positions,
     check_inputs,
+    check_loss_weight,
     kl_spec,
     parse_weighting,
     reduce_rows,
 )
 from .kernels import stats as st
 from .ops import backend_module, resolve_backend
+
+LN2 = 0.6931471805599453
 
 _KEYWORDS = {"temperature", "labels", "ignore_index", "mask", "reduction", "num_items_in_batch", "backend"}
 
@@ -65,8 +71,10 @@ def _check_consistency(student, group) -> None:
                          f"{[tuple(s[:-1].tolist()) for s in shapes]}")
 
 
-def all_reduce_partials(parts: torch.Tensor, group=None) -> torch.Tensor:
-    """Combine per-rank partial row statistics (N, PARTIAL) into the full rows' (two collectives)."""
+def all_reduce_partials(parts: torch.Tensor, group=None, extra: Optional[torch.Tensor] = None):
+    """Combine per-rank partial row statistics (N, PARTIAL) into the full rows' (two collectives).
+
+    `extra` (N, k) columns, if given, are summed over ranks in the same SUM; returns (merged, extra)."""
     count = parts[:, st.P_N]
     # A rank with no valid entry in a row has no meaningful shift: keep it out of the common one.
     maxima = torch.stack([torch.where(count > 0, parts[:, st.P_SHIFT], -math.inf),
@@ -88,6 +96,8 @@ def all_reduce_partials(parts: torch.Tensor, group=None) -> torch.Tensor:
     sums += [count, u1 + count * delta, u2 + 2 * delta * u1 + count * delta * delta]
     sums.append(parts[:, st.P_CE + 1] * rescale(st.P_CE, maxima[:, 3]))
     sums = torch.stack(sums, dim=1)
+    if extra is not None:
+        sums = torch.cat([sums, extra.to(sums.dtype)], dim=1)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
 
     merged = torch.zeros_like(parts)
@@ -100,32 +110,59 @@ def all_reduce_partials(parts: torch.Tensor, group=None) -> torch.Tensor:
     merged[:, st.P_U : st.P_U + 2] = sums[:, 7:9]
     merged[:, st.P_CE] = maxima[:, 3]
     merged[:, st.P_CE + 1] = sums[:, 9]
-    return merged
+    return merged, (sums[:, 10:] if extra is not None else None)
 
 
 class VocabParallelFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, active, spec: LossSpec, backend: str, group):
+    def forward(ctx, student, teacher, active, labels, spec: LossSpec, backend: str, group, vocab_start):
         kernels = backend_module(backend)
-        parts = kernels.partials(student, teacher, active, None, spec).reshape(active.numel(), st.PARTIAL)
-        merged = all_reduce_partials(parts, group)
-        total, _, stats = kernels.finalize(merged, student, active, None, spec)
-        ctx.save_for_backward(student, teacher, active, stats)
+        n_rows = active.numel()
+        parts = kernels.partials(student, teacher, active, None, spec).reshape(n_rows, st.PARTIAL)
+        extra = local = None
+        if spec.has_ce:
+            # The label's logit lives on one rank: each contributes it if it owns it, and a count.
+            local = labels.reshape(n_rows) - vocab_start
+            owned = (local >= 0) & (local < student.shape[-1])
+            index = torch.where(owned, local, 0).view(*student.shape[:-1], 1)
+            picked = student.gather(-1, index).reshape(n_rows).to(parts.dtype)
+            extra = torch.stack([torch.where(owned, picked, 0.0), owned.to(parts.dtype)], dim=1)
+        merged, extra = all_reduce_partials(parts, group, extra)
+        # CSD from the kernels; the cross-entropy of the merged statistics here (O(N) work).
+        total, _, stats = kernels.finalize(merged, student, active, None, replace(spec, ce_weight=0.0))
+        label_found = None
+        if spec.has_ce:
+            lse_1 = merged[:, st.P_CE] * LN2 + torch.log(merged[:, st.P_CE + 1])
+            label_found = extra[:, 1] > 0  # no rank owns it: out of range, NaN as in csd_loss
+            ce = torch.where(label_found, lse_1 - extra[:, 0], math.nan)
+            total = total + spec.ce_weight * torch.where(active, ce, 0.0).to(total.dtype)
+            stats[:, st.LSE_1] = lse_1.to(stats.dtype)
+        ctx.save_for_backward(student, teacher, active, local, label_found, stats)
         ctx.spec, ctx.backend = spec, backend
         return total
 
     @staticmethod
     def backward(ctx, grad_rows):
-        student, teacher, active, stats = ctx.saved_tensors
-        grad = backend_module(ctx.backend).backward(student, teacher, active, None, stats, grad_rows, ctx.spec)
-        return grad, None, None, None, None, None
+        student, teacher, active, local, label_found, stats = ctx.saved_tensors
+        if ctx.spec.has_ce:  # a NaN loss (label out of range) gets a NaN gradient, as in csd_loss
+            grad_rows = torch.where(label_found | ~active, grad_rows, math.nan)
+        grad = backend_module(ctx.backend).backward(student, teacher, active, local, stats, grad_rows,
+                                                    ctx.spec, sharded_labels=True)
+        return grad, None, None, None, None, None, None, None
 
 
-def _vocab_parallel(student, teacher, spec_of, group, check_consistency, kw):
-    unknown = set(kw) - _KEYWORDS - {"weighting", "teacher_temperature"}
+def _vocab_start(width: int, group, device) -> torch.Tensor:
+    """This rank's first column: the widths of the lower ranks' shards, summed (one all-gather)."""
+    mine = torch.tensor([width], dtype=torch.int64, device=device)
+    widths = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(widths, mine, group=group)
+    return torch.cat(widths)[: dist.get_rank(group)].sum()
+
+
+def _vocab_parallel(student, teacher, spec_of, group, check_consistency, kw, allowed=(), vocab_start=None):
+    unknown = set(kw) - _KEYWORDS - set(allowed)
     if unknown:
-        raise TypeError(f"unsupported keyword argument(s) {sorted(unknown)} (the fused cross-entropy is "
-                        f"not available vocabulary-parallel yet)")
+        raise TypeError(f"unsupported keyword argument(s) {sorted(unknown)}")
     _check_group(group)
     temperature, teacher_temperature = check_inputs(
         student, teacher, temperature=kw.get("temperature", 1.0),
@@ -139,16 +176,24 @@ def _vocab_parallel(student, teacher, spec_of, group, check_consistency, kw):
     if check_consistency:
         _check_consistency(student, group)
     spec = spec_of(temperature, teacher_temperature)
+    labels = kw.get("labels")
+    if spec.has_ce:
+        if labels is None:
+            raise ValueError(f"ce_weight={spec.ce_weight} needs `labels` (the targets of the cross-entropy)")
+        if vocab_start is None:
+            vocab_start = _vocab_start(student.shape[-1], group, student.device)
+        elif isinstance(vocab_start, bool) or not isinstance(vocab_start, (int, torch.Tensor)):
+            raise TypeError(f"vocab_start must be an int or a tensor, got {type(vocab_start).__name__}")
     backend = resolve_backend(kw.get("backend", "auto"), student, teacher)
     lead = student.shape[:-1]
-    active = active_positions(lead, student.device, kw.get("labels"), kw.get("mask"), kw.get("ignore_index", -100))
-    total = VocabParallelFunction.apply(student, teacher, active, spec, backend, group)
+    active = active_positions(lead, student.device, labels, kw.get("mask"), kw.get("ignore_index", -100))
+    total = VocabParallelFunction.apply(student, teacher, active, labels, spec, backend, group, vocab_start)
     return reduce_rows(total, active, lead, kw.get("reduction", "mean"), kw.get("num_items_in_batch"))
 
 
 def vocab_parallel_csd_loss(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
                             group: Optional[dist.ProcessGroup] = None, check_consistency: bool = False,
-                            **csd_loss_keywords) -> torch.Tensor:
+                            vocab_start=None, **csd_loss_keywords) -> torch.Tensor:
     """`csd_loss` of the full-vocabulary logits, from this rank's contiguous vocabulary slice.
 
     Args:
@@ -159,25 +204,31 @@ def vocab_parallel_csd_loss(student_logits_shard: torch.Tensor, teacher_logits_s
         check_consistency: verify on every call that all ranks pass the same leading shape (one small
             all-gather and a host sync; off by default). Without it, mismatched ranks fail or hang in
             the collective, as with any collective.
+        vocab_start: the global index of this shard's first column, for the fused cross-entropy
+            (labels are global token ids). Default: computed with one all-gather of the shard widths.
         **csd_loss_keywords: weighting, temperature, teacher_temperature, labels, ignore_index, mask,
-            reduction, num_items_in_batch, backend, as in `csd_loss` (labels/mask identical on every
-            rank).
+            reduction, num_items_in_batch, backend, ce_weight, csd_weight, as in `csd_loss`
+            (labels/mask identical on every rank).
 
-    Collectives: two all-reduces per forward (one MAX, one SUM) of N x 4 and N x 10 floats; none in the
-    backward. Returns the same loss on every rank; each rank's gradient is its slice of the full one.
+    Collectives: two all-reduces per forward (one MAX, one SUM) of N x 4 and N x 10 floats (N x 12 with
+    the cross-entropy, plus one all-gather of the shard widths when `vocab_start` is not given); none in
+    the backward. Returns the same loss on every rank; each rank's gradient is its slice of the full one.
     """
     kw = csd_loss_keywords
     weighting = parse_weighting(kw.get("weighting", "ss"))
-    return _vocab_parallel(student_logits_shard, teacher_logits_shard,
-                           lambda tau, tau_t: LossSpec(*weighting, tau, tau_t), group, check_consistency, kw)
+    ce_weight = check_loss_weight("ce_weight", kw.get("ce_weight", 0.0))
+    csd_weight = check_loss_weight("csd_weight", kw.get("csd_weight", 1.0))
+    return _vocab_parallel(
+        student_logits_shard, teacher_logits_shard,
+        lambda tau, tau_t: LossSpec(*weighting, tau, tau_t, csd_weight=csd_weight, ce_weight=ce_weight),
+        group, check_consistency, kw, allowed=("weighting", "teacher_temperature", "ce_weight", "csd_weight"),
+        vocab_start=vocab_start)
 
 
 def vocab_parallel_kl_loss(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
                            kind: str = "forward", group: Optional[dist.ProcessGroup] = None,
                            check_consistency: bool = False, **kl_loss_keywords) -> torch.Tensor:
     """`kl_loss` of the full-vocabulary logits from this rank's slice; as `vocab_parallel_csd_loss`."""
-    if "teacher_temperature" in kl_loss_keywords or "weighting" in kl_loss_keywords:
-        raise TypeError("vocab_parallel_kl_loss takes `temperature` (both sides), not weighting/teacher_temperature")
     kl_spec(kind, 1.0)  # validates `kind`
     return _vocab_parallel(student_logits_shard, teacher_logits_shard,
                            lambda tau, _: kl_spec(kind, tau), group, check_consistency, kl_loss_keywords)

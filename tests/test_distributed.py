@@ -75,6 +75,9 @@ def _cases():
         + [("csd-mask-sum", dict(weighting="ts", reduction="sum", mask=mask)),
            ("csd-none-num-items", dict(weighting="us", reduction="none", num_items_in_batch=5)),
            ("csd-num-items", dict(weighting="st", labels=labels, num_items_in_batch=7)),
+           ("csd-ce", dict(weighting="ts", labels=labels, ce_weight=0.7, csd_weight=0.5)),
+           ("csd-ce-none", dict(weighting="ss", labels=labels, ce_weight=1.0, reduction="none",
+                                temperature=2.0)),
            ("kl-forward", dict(kind="forward", temperature=2.0, labels=labels)),
            ("kl-reverse", dict(kind="reverse", reduction="none", mask=mask))]
     )
@@ -89,7 +92,8 @@ def test_vocab_parallel_matches_single_process_torch_backend(world):
 @pytest.mark.slow
 def test_vocab_parallel_triton_backend():
     _, _, labels = _inputs()
-    _run(2, "triton", [("csd-ts", dict(weighting="ts", labels=labels)), ("kl-reverse", dict(kind="reverse"))])
+    _run(2, "triton", [("csd-ts", dict(weighting="ts", labels=labels)), ("kl-reverse", dict(kind="reverse")),
+                       ("csd-ce", dict(weighting="us", labels=labels, ce_weight=0.5))])
 
 
 def _bad_worker(rank, world, init_file):
@@ -105,7 +109,17 @@ def _bad_worker(rank, world, init_file):
         with pytest.raises(ValueError, match="must cover the student shard's columns exactly"):
             vocab_parallel_csd_loss(student, torch.randn(3 + rank, 11))
         with pytest.raises(TypeError, match="unsupported keyword"):
+            vocab_parallel_csd_loss(student, student.clone(), return_components=True)
+        with pytest.raises(ValueError, match="needs `labels`"):
             vocab_parallel_csd_loss(student, student.clone(), ce_weight=1.0)
+        # A label no rank owns (out of the global vocabulary) gives NaN, as in csd_loss.
+        student = torch.randn(3, 10)  # now the same leading shape on both ranks
+        labels = torch.full((3,), 10 * 2 + 5)
+        shard = student.clone().requires_grad_(True)
+        loss = vocab_parallel_csd_loss(shard, student.clone(), labels=labels, ce_weight=1.0, vocab_start=10 * rank,
+                                       reduction="none")
+        loss.sum().backward()
+        assert torch.isnan(loss).all() and torch.isnan(shard.grad).all()
     finally:
         dist.destroy_process_group()
 

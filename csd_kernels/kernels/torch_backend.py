@@ -234,8 +234,11 @@ def backward(
     grad_rows: torch.Tensor,
     spec: LossSpec,
     out: Optional[torch.Tensor] = None,
+    sharded_labels: bool = False,
 ) -> torch.Tensor:
-    """Gradient of `total` w.r.t. `student`, scaled per row by `grad_rows` (N,), written into `out`."""
+    """Gradient of `total` w.r.t. `student`, scaled per row by `grad_rows` (N,), written into `out`.
+
+    `sharded_labels`: shard-local labels; one outside [0, V) belongs to another vocabulary shard."""
     n_rows = active.numel()
     vocab = student.shape[-1]
     dtype = stats.dtype
@@ -247,7 +250,7 @@ def backward(
     temps = (spec.temperature, spec.teacher_temperature)
     if spec.has_ce:
         labels = labels.reshape(n_rows, 1)
-        bad_label = ((labels < 0) | (labels >= vocab)) & active[:, None]
+        bad_label = ((labels < 0) | (labels >= vocab)) & active[:, None] & (not sharded_labels)
     for start, stop, s, t, valid in _chunks(student, teacher, n_rows, dtype):
         dd = s - t - col(st.SHIFT)
         bases = [

@@ -311,7 +311,7 @@ def _bwd_kernel(
     s_scale, t_scale,
     a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
-    CE: tl.constexpr, BLOCK: tl.constexpr,
+    CE: tl.constexpr, SHARDED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -349,7 +349,8 @@ def _bwd_kernel(
         label = tl.load(labels_ptr + row).to(tl.int64)
         p_1 = tl.exp2(s * LOG2E - tl.load(stats_row + 6) * LOG2E)
         ce_grad = tl.where(cols.to(tl.int64) == label, p_1 - 1.0, p_1)
-        ce_grad = tl.where((label >= 0) & (label < V), ce_grad, NAN)
+        if not SHARDED:  # a vocabulary shard's label may lie in another shard: no one-hot here, no NaN
+            ce_grad = tl.where((label >= 0) & (label < V), ce_grad, NAN)
         g += ce_weight * ce_grad
     tl.store(g_row + cols, (upstream * g).to(g_ptr.dtype.element_ty), mask=cols < V)
 
@@ -461,7 +462,8 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
     (s, t), l1, ((s_so, s_si), (t_so, t_si)) = _rows(student, teacher)
     block, num_warps = block_config(vocab)
     cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
-    labels = labels.reshape(n_rows) if spec.has_ce else active  # a placeholder pointer otherwise
+    # The labels are read only where a row is finalised; a placeholder pointer otherwise.
+    labels = labels.reshape(n_rows) if spec.has_ce and partials is None else active
     comp = parts if components else total  # likewise
     _fwd_kernel[(n_rows, programs)](
         s, t, labels, active, partials if partials is not None else total, total, comp, stats,
@@ -534,8 +536,12 @@ def backward(
     grad_rows: torch.Tensor,
     spec: LossSpec,
     out: Optional[torch.Tensor] = None,
+    sharded_labels: bool = False,
 ) -> torch.Tensor:
-    """Gradient of `total` w.r.t. `student`, scaled per row by `grad_rows` (N,), written into `out`."""
+    """Gradient of `total` w.r.t. `student`, scaled per row by `grad_rows` (N,), written into `out`.
+
+    `sharded_labels`: the logits are one vocabulary shard and `labels` are shard-local, so a label
+    outside [0, V) belongs to another shard (no one-hot here) rather than being an error (NaN)."""
     vocab = student.shape[-1]
     n_rows = active.numel()
     if out is None:
@@ -551,7 +557,7 @@ def backward(
         vocab, l1,
         s_so, s_si, t_so, t_si, g_so, g_si, grad_rows.stride(0),
         *_launch_constants(spec),
-        BLOCK=block, num_warps=num_warps, **_flags(spec),
+        BLOCK=block, num_warps=num_warps, SHARDED=sharded_labels, **_flags(spec),
     )
     if g is not out:  # `out` could not be addressed as rows (only an exotic in-place target)
         out.copy_(g)

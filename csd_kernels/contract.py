@@ -306,9 +306,16 @@ def reduce_rows(
     total = row_loss.sum()
     if reduction == "sum":
         return total
+    return total / mean_denominator(active, num_items_in_batch, total.dtype)
+
+
+def mean_denominator(active: torch.Tensor, num_items_in_batch, dtype: torch.dtype):
+    """The denominator of reduction="mean": `num_items_in_batch` if given, else the counted positions.
+
+    A 0-dim tensor on the device (or a Python float for a Python number), without a host sync."""
     if num_items_in_batch is None:
         # clamp: an empty batch or all-excluded positions give exactly 0, not 0/0.
-        return total / active.sum().clamp_min(1).to(total.dtype)
+        return active.sum().clamp_min(1).to(dtype)
     if isinstance(num_items_in_batch, torch.Tensor):
-        return total / num_items_in_batch.reshape(()).to(device=total.device, dtype=total.dtype)
-    return total / float(num_items_in_batch)
+        return num_items_in_batch.reshape(()).to(device=active.device, dtype=dtype)
+    return float(num_items_in_batch)

@@ -32,6 +32,7 @@ from .contract import (
     check_inputs,
     check_labels_in_range,
     check_loss_weight,
+    mean_denominator,
     parse_weighting,
 )
 
@@ -157,7 +158,9 @@ class FusedLinearCSDFunction(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, rows, active, labels)
             ctx.teacher, ctx.spec, ctx.backend, ctx.chunk_size = teacher, spec, backend, chunk_size
             return row_loss
-        scale = torch.ones(1, device=hidden.device) if denominator is None else 1.0 / denominator.reshape(1)
+        scale = torch.ones(1, device=hidden.device)
+        if denominator is not None:  # reduction="mean": every position's upstream gradient is 1/denominator
+            scale = scale / denominator
         row_loss, grads = _run_chunks(hidden, w, bias, teacher, rows, active, labels, spec, kernels,
                                       chunk_size, grad_rows=scale, want_grads=True)
         ctx.save_for_backward(*[g for g in grads if g is not None])
@@ -302,13 +305,7 @@ def fused_linear_csd_loss(
     reduction = kw.get("reduction", "mean")
     denominator = None
     if reduction == "mean":
-        num_items = kw.get("num_items_in_batch")
-        if num_items is None:
-            denominator = active.sum().clamp_min(1).float()
-        elif isinstance(num_items, torch.Tensor):
-            denominator = num_items.reshape(()).to(device=device, dtype=torch.float32)
-        else:
-            denominator = torch.tensor(float(num_items), device=device)
+        denominator = mean_denominator(active, kw.get("num_items_in_batch"), torch.float32)
     if chunk_size is None:
         chunk_size = default_chunk_size(n_rows, vocab, teacher_vocab, device)
     loss = FusedLinearCSDFunction.apply(

@@ -250,7 +250,8 @@ def backward(
     temps = (spec.temperature, spec.teacher_temperature)
     if spec.has_ce:
         labels = labels.reshape(n_rows, 1)
-        bad_label = ((labels < 0) | (labels >= vocab)) & active[:, None] & (not sharded_labels)
+        # A shard-local label outside [0, V) belongs to another shard: no one-hot here, and no NaN.
+        bad_label = None if sharded_labels else ((labels < 0) | (labels >= vocab))
     for start, stop, s, t, valid in _chunks(student, teacher, n_rows, dtype):
         dd = s - t - col(st.SHIFT)
         bases = [
@@ -274,7 +275,9 @@ def backward(
             p1 = torch.exp(s - col(st.LSE_1))
             columns = torch.arange(start, stop, device=s.device)
             ce_grad = torch.where(columns == labels, p1 - 1.0, p1)
-            g = g + spec.ce_weight * torch.where(bad_label, math.nan, ce_grad)
+            if bad_label is not None:
+                ce_grad = torch.where(bad_label, math.nan, ce_grad)
+            g = g + spec.ce_weight * ce_grad
         g = torch.where(active[:, None], scale * g, 0.0)
         out[..., start:stop] = g.view(*student.shape[:-1], stop - start)
     return out

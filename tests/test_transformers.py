@@ -19,16 +19,23 @@ def tiny_gpt2(vocab, layers=1, width=32, seed=0):
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, n=16, length=12, vocab=100, seed=0):
+    """Random sequences; `prompt=True` excludes a prompt of 2-4 tokens, `prompt=False` counts position 0
+    and pads the end instead (where a shifted and an unshifted token count differ)."""
+
+    def __init__(self, n=16, length=12, vocab=100, seed=0, prompt=True):
         g = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(0, vocab, (n, length), generator=g)
+        self.prompt = prompt
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
         labels = self.ids[i].clone()
-        labels[: 2 + i % 3] = -100  # a prompt that does not count
+        if self.prompt:
+            labels[: 2 + i % 3] = -100  # a prompt that does not count
+        else:
+            labels[len(labels) - i % 3 :] = -100  # padding at the end
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": labels}
 
 
@@ -49,12 +56,12 @@ def test_helper_shifts_masks_and_handles_padded_vocabularies(vocabs):
     assert_close(csd_only, reference.csd_loss(student[:, :-1, :v], teacher[:, :-1, :v], labels=labels[:, 1:]))
 
 
-def _trainer(tmp_path, student, teacher, grad_accum=2, max_steps=3, **loss_kwargs):
+def _trainer(tmp_path, student, teacher, grad_accum=2, max_steps=3, dataset=None, **loss_kwargs):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2,
         gradient_accumulation_steps=grad_accum, learning_rate=1e-3, logging_steps=1, report_to=[],
         use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    return CSDTrainer(model=student, args=args, train_dataset=TokenDataset(), teacher_model=teacher,
+    return CSDTrainer(model=student, args=args, train_dataset=dataset or TokenDataset(), teacher_model=teacher,
                       backend="torch", **loss_kwargs)
 
 
@@ -143,3 +150,69 @@ def test_training_follows_the_reference_trajectory(backend, weighting, small_blo
     assert ref[-1] < 0.5 * ref[0], "the reference run did not learn: the test would prove nothing"
     rel = ((got - ref).abs() / ref.abs()).max().item()
     assert rel < 1e-4, f"trajectories diverge: max relative difference {rel:.3g}"
+
+
+def tiny_llama(vocab, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config)
+
+
+ARCHITECTURES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_trainer_counts_the_positions_the_loss_sums(tmp_path, arch):
+    """num_items_in_batch counts labels[..., 1:] (what the shifted loss sums), whatever the config says:
+    GPT-2 under transformers 5 has loss_type=None, for which Trainer itself counts unshifted labels."""
+    make = ARCHITECTURES[arch]
+    trainer = _trainer(tmp_path, make(100), make(100, seed=1), max_steps=1, dataset=TokenDataset(prompt=False))
+    data = TokenDataset(prompt=False)
+    batches = [{k: torch.stack([data[i][k] for i in rows]) for k in ("input_ids", "labels")}
+               for rows in ((0, 1), (2, 3))]
+    expected = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    unshifted = sum(int((b["labels"] != -100).sum()) for b in batches)
+    assert expected != unshifted  # the test can tell them apart
+    assert int(trainer._get_num_items_in_batch(batches, torch.device("cpu"))) == expected
+
+    seen = []  # (labels of the micro-batch, num_items_in_batch passed with it)
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, *args, num_items_in_batch=None, **kwargs):
+        seen.append((inputs["labels"].clone(), num_items_in_batch))
+        return compute_loss(model, inputs, *args, num_items_in_batch=num_items_in_batch, **kwargs)
+
+    trainer.compute_loss = recording
+    trainer.train()  # one optimizer step of two accumulated micro-batches
+    assert len(seen) == 2
+    step_count = sum(int((labels[:, 1:] != -100).sum()) for labels, _ in seen)
+    assert [int(n) for _, n in seen] == [step_count] * 2, (seen, step_count)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_eval_loss_is_the_mean_over_shifted_positions(tmp_path, arch):
+    make = ARCHITECTURES[arch]
+    student, teacher = make(100), make(100, seed=1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0)
+    data = TokenDataset(n=4, prompt=False)
+    trainer = CSDTrainer(model=student, args=args, eval_dataset=data, teacher_model=teacher, backend="torch",
+                         weighting="ts", ce_weight=0.5)
+    got = trainer.evaluate()["eval_loss"]
+    batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        expected = causal_lm_csd_loss(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
+                                      teacher(input_ids=batch["input_ids"],
+                                              attention_mask=batch["attention_mask"]).logits,
+                                      batch["labels"], weighting="ts", ce_weight=0.5, backend="torch")
+    assert abs(got - expected.item()) <= 1e-5 * abs(expected.item()), (got, expected.item())
+
+
+def test_trainer_rejects_bad_loss_arguments_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="temperature"):
+        _trainer(tmp_path, tiny_gpt2(100), tiny_gpt2(100), temperature=0.0)
+    with pytest.raises(ValueError, match="weighting"):
+        _trainer(tmp_path, tiny_gpt2(100), tiny_gpt2(100), weighting="xx")

@@ -7,13 +7,16 @@ Importing `csd_kernels` never imports transformers; importing this module does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Dict, Optional
 
 import torch
 from transformers import Trainer
+from transformers import __version__ as transformers_version
 
-from ..loss import csd_loss
+from ..loss import CSDLoss, csd_loss
 
+_MISSING = object()
 _LOSS_KEYWORDS = ("weighting", "temperature", "teacher_temperature", "ce_weight", "csd_weight", "backend",
                   "ignore_index", "inplace_backward")
 
@@ -60,6 +63,14 @@ class CSDTrainer(Trainer):
     def __init__(self, *args, teacher_model: torch.nn.Module, weighting="ss", temperature: float = 1.0,
                  teacher_temperature: float = 1.0, ce_weight: float = 0.0, csd_weight: float = 1.0,
                  backend: str = "auto", **kwargs):
+        if not hasattr(Trainer, "_get_num_items_in_batch"):
+            raise ImportError("CSDTrainer needs transformers >= 4.57 (Trainer._get_num_items_in_batch), "
+                              f"found {transformers_version}")
+        if not isinstance(teacher_model, torch.nn.Module):
+            raise TypeError(f"teacher_model must be a torch.nn.Module, got {type(teacher_model).__name__}")
+        # Every loss argument is checked now, not at the first training step.
+        CSDLoss(weighting=weighting, temperature=temperature, teacher_temperature=teacher_temperature,
+                ce_weight=ce_weight, csd_weight=csd_weight, backend=backend)
         super().__init__(*args, **kwargs)
         self.teacher_model = teacher_model
         self.teacher_model.eval()
@@ -72,6 +83,27 @@ class CSDTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._component_sums = {"csd": 0.0, "ce": 0.0, "count": 0}
 
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """Trainer's token count, taken over the positions this loss sums: the shifted labels.
+
+        Trainer counts `labels[..., 1:]` only for models whose config names a causal-LM loss (not GPT-2
+        under transformers 5, nor any model under 4.57), so the count is handed to it pre-shifted (or as
+        the collator's `shift_labels`); its own cross-process and parallelism handling then applies."""
+        shifted = [
+            {"labels": batch["shift_labels"] if "shift_labels" in batch else batch["labels"][..., 1:]}
+            if isinstance(batch, Mapping) and "labels" in batch else batch
+            for batch in batch_samples
+        ]
+        saved = self.__dict__.get("_loss_shifts_labels", _MISSING)
+        self._loss_shifts_labels = False  # already shifted: Trainer must not shift again
+        try:
+            return super()._get_num_items_in_batch(shifted, device)
+        finally:
+            if saved is _MISSING:
+                del self._loss_shifts_labels
+            else:
+                self._loss_shifts_labels = saved
+
     def _teacher_logits(self, inputs, device):
         if next(self.teacher_model.parameters()).device != device:
             self.teacher_model.to(device)
@@ -82,10 +114,18 @@ class CSDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
+        shift_labels = inputs.pop("shift_labels", None)  # padding-free collators shift for us
         outputs = model(**inputs)
         teacher_logits = self._teacher_logits(inputs, outputs.logits.device)
-        loss, csd, ce = causal_lm_csd_loss(outputs, teacher_logits, labels, num_items_in_batch=num_items_in_batch,
-                                           return_components=True, **self.csd_loss_kwargs)
+        if shift_labels is None:
+            loss, csd, ce = causal_lm_csd_loss(outputs, teacher_logits, labels,
+                                               num_items_in_batch=num_items_in_batch, return_components=True,
+                                               **self.csd_loss_kwargs)
+        else:
+            vocab = min(outputs.logits.shape[-1], teacher_logits.shape[-1])
+            loss, csd, ce = csd_loss(outputs.logits[..., :vocab], teacher_logits, labels=shift_labels,
+                                     num_items_in_batch=num_items_in_batch, return_components=True,
+                                     **self.csd_loss_kwargs)
         if (getattr(self.args, "average_tokens_across_devices", False) and num_items_in_batch is not None
                 and self.accelerator.num_processes > 1):
             # As Trainer.compute_loss: the gradients are averaged over processes, while num_items_in_batch

@@ -63,6 +63,12 @@ class LossSpec:
         return self.w1[base] > 0.0 or self.w2[base] > 0.0
 
     @property
+    def lead_base(self) -> int:
+        """The base carrying most of w1 (0 = S, 1 = T, 2 = U): the streaming pass takes its first shift
+        at that base's mode (stats.py)."""
+        return max(range(3), key=lambda b: self.w1[b])
+
+    @property
     def need_student(self) -> bool:
         return self.needs(0)
 
@@ -145,6 +151,11 @@ def parse_weighting(weighting) -> Tuple[Mixture, Mixture]:
     raise TypeError(f"weighting: expected a str code or a (w1, w2) tuple, got {type(weighting).__name__}")
 
 
+# Accepted temperatures. The kernels multiply by log2(e) / temperature in fp32, so that reciprocal must be
+# a normal, finite fp32 number with room to spare (fp32 spans about 1.2e-38 to 3.4e38).
+TEMPERATURE_RANGE = (1e-30, 1e30)
+
+
 def _check_temperature(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a Python real number, got {type(value).__name__}")
@@ -152,7 +163,34 @@ def _check_temperature(name: str, value) -> float:
     # Comparisons rather than math.isfinite, which torch.compile cannot trace; NaN fails both.
     if not (0.0 < value < math.inf):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
+    low, high = TEMPERATURE_RANGE
+    if not (low <= value <= high):
+        raise ValueError(
+            f"{name} must lie in [{low:g}, {high:g}] (its reciprocal must be a finite fp32 number), got {value}"
+        )
     return value
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_options(*, temperature=1.0, teacher_temperature=1.0, ignore_index=-100, reduction="mean",
+                  backend="auto", num_items_in_batch=None, device=None) -> Tuple[float, float]:
+    """The options every loss shares, checked without any tensor: also what the loss modules check at
+    construction. Returns the two temperatures as floats."""
+    temperature = _check_temperature("temperature", temperature)
+    teacher_temperature = _check_temperature("teacher_temperature", teacher_temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_num_items(num_items_in_batch, device)
+    return temperature, teacher_temperature
 
 
 def check_loss_weight(name: str, value) -> float:
@@ -164,9 +202,14 @@ def check_loss_weight(name: str, value) -> float:
     return value
 
 
-def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """The opt-in host check (`validate_labels=True`): it synchronises with the device."""
-    counted = labels[labels != ignore_index]
+def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int,
+                          mask: Optional[torch.Tensor] = None) -> None:
+    """The opt-in host check (`validate_labels=True`) of the counted positions' labels (those not equal
+    to `ignore_index` and not excluded by `mask`): it synchronises with the device."""
+    counted = labels != ignore_index
+    if mask is not None:
+        counted = counted & mask
+    counted = labels[counted]
     bad = counted[(counted < 0) | (counted >= vocab)]
     if bad.numel():
         raise ValueError(
@@ -231,24 +274,19 @@ def check_inputs(
         raise ValueError(
             f"student_logits is on {student_logits.device} but teacher_logits is on {teacher_logits.device}"
         )
-    temperature = _check_temperature("temperature", temperature)
-    teacher_temperature = _check_temperature("teacher_temperature", teacher_temperature)
+    temperature, teacher_temperature = check_options(
+        temperature=temperature, teacher_temperature=teacher_temperature, ignore_index=ignore_index,
+        reduction=reduction, backend=backend, num_items_in_batch=num_items_in_batch,
+        device=student_logits.device)
     lead = student_logits.shape[:-1]
     if labels is not None:
         _check_positions("labels", labels, lead, student_logits.device, want_bool=False)
     if mask is not None:
         _check_positions("mask", mask, lead, student_logits.device, want_bool=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    check_num_items(num_items_in_batch, student_logits.device)
     return temperature, teacher_temperature
 
 
-def check_num_items(num_items_in_batch, device: torch.device) -> None:
+def check_num_items(num_items_in_batch, device: Optional[torch.device]) -> None:
     if num_items_in_batch is None:
         return
     if isinstance(num_items_in_batch, torch.Tensor):
@@ -259,7 +297,7 @@ def check_num_items(num_items_in_batch, device: torch.device) -> None:
             )
         if num_items_in_batch.dtype == torch.bool or num_items_in_batch.dtype.is_complex:
             raise TypeError(f"num_items_in_batch must be numeric, got {num_items_in_batch.dtype}")
-        if num_items_in_batch.device != device and num_items_in_batch.device.type != "cpu":
+        if device is not None and num_items_in_batch.device != device and num_items_in_batch.device.type != "cpu":
             raise ValueError(
                 f"num_items_in_batch is on {num_items_in_batch.device} but the logits are on {device}"
             )
@@ -290,7 +328,16 @@ def active_positions(
     if mask is not None:
         m = mask.reshape(n)
         active = m if active is None else active & m
-    return active
+    # Kernels index per-row tensors as `ptr + row`: a mask that is a strided or broadcast view (stride 0)
+    # must not reach them as such. O(N) bytes at most.
+    return active.contiguous()
+
+
+def row_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels of any integer dtype and layout as the backends take them: (N,) int64, contiguous.
+
+    (`gather` wants int64; kernels index `ptr + row`.) O(N) bytes, no host sync."""
+    return labels.reshape(-1).to(torch.int64).contiguous()
 
 
 def reduce_rows(

@@ -1,20 +1,19 @@
 """Vocabulary-parallel CSD and KL over torch.distributed (Megatron-style tensor-parallel output layers).
 
 Each rank holds a contiguous slice of the vocabulary of both models' logits. The row statistics of
-`kernels/stats.py` are maxima and sums, so they combine across ranks exactly:
+`kernels/stats.py` are maxima, totals and centred moments, so they combine across ranks exactly:
 
 1. each rank streams its slice once and keeps the partial statistics of every row (N x 16 floats);
-2. one all-reduce MAX combines, at once, the running maxima of every softmax and a common shift c
-   (the largest of the ranks' shifts; each rank re-centres its moments on it, exactly);
-3. one all-reduce SUM combines the rescaled normalisers and moments and the valid-entry counts (so the
-   uniform weights use the global vocabulary size, counted, not assumed);
-4. every rank finalises the rows identically, and its backward, with no collective at all, writes the
-   slice of the full gradient that belongs to its slice of the logits.
+2. one all-gather gives every rank all the ranks' partials (N x world x 16 floats);
+3. every rank merges them with Chan's parallel update (the same `finalize` that merges a split row's
+   programs, so a shard whose entries are all -inf, or whose d sits far from the others', is merged
+   without cancellation), finalises the rows identically, and its backward, with no collective at
+   all, writes the slice of the full gradient that belongs to its slice of the logits.
 
-So: two collectives per forward, none in the backward, O(N) fp32 on the wire (fp64 for float64
-inputs), no host synchronisation. The fused cross-entropy adds its log-sum-exp to the same two, and the
-label's logit, which lives on one rank, to the SUM; only locating a shard's first column, when the
-caller does not pass `vocab_start`, takes a third collective (an all-gather of the shard widths).
+So: one collective per forward, none in the backward, O(N x world) fp32 on the wire (fp64 for float64
+inputs), no host synchronisation. The fused cross-entropy adds its log-sum-exp and the label's logit
+(which lives on one rank) to the same partials; only locating a shard's first column, when the caller
+does not pass `vocab_start`, takes a second collective (an all-gather of the shard widths).
 
 Composition. With data parallelism too, call this inside the tensor-parallel group (`group`): the loss
 is then the loss of this data-parallel rank's batch, and gradients average over the data-parallel group
@@ -40,11 +39,13 @@ from .contract import (
     kl_spec,
     parse_weighting,
     reduce_rows,
+    row_labels,
 )
 from .kernels import stats as st
 from .ops import backend_module, resolve_backend
 
 LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
 
 _KEYWORDS = {"temperature", "labels", "ignore_index", "mask", "reduction", "num_items_in_batch", "backend"}
 
@@ -71,46 +72,25 @@ def _check_consistency(student, group) -> None:
                          f"{[tuple(s[:-1].tolist()) for s in shapes]}")
 
 
-def all_reduce_partials(parts: torch.Tensor, group=None, extra: Optional[torch.Tensor] = None):
-    """Combine per-rank partial row statistics (N, PARTIAL) into the full rows' (two collectives).
+def gather_partials(parts: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's partial row statistics (N, PARTIAL), stacked in rank order: (N, world, PARTIAL).
 
-    `extra` (N, k) columns, if given, are summed over ranks in the same SUM; returns (merged, extra)."""
-    count = parts[:, st.P_N]
-    # A rank with no valid entry in a row has no meaningful shift: keep it out of the common one.
-    maxima = torch.stack([torch.where(count > 0, parts[:, st.P_SHIFT], -math.inf),
-                          parts[:, st.P_S], parts[:, st.P_T], parts[:, st.P_CE]], dim=1)
-    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-    shift = torch.where(maxima[:, 0] == -math.inf, 0.0, maxima[:, 0])
-    delta = torch.where(count > 0, parts[:, st.P_SHIFT] - shift, 0.0)
+    One all-gather. The backends' `finalize` merges them with Chan's parallel update, exactly as it
+    merges a split row's programs, so every rank finalises identically and deterministically."""
+    shards = [torch.empty_like(parts) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, parts.contiguous(), group=group)
+    return torch.stack(shards, dim=1)
 
-    def rescale(column, maximum):
-        safe = torch.where(maximum == -math.inf, 0.0, maximum)
-        return torch.exp2(parts[:, column] - safe)
 
-    sums = []
-    for column, maximum in ((st.P_S, maxima[:, 1]), (st.P_T, maxima[:, 2])):
-        a = rescale(column, maximum)
-        z, m1, m2 = parts[:, column + 1], parts[:, column + 2], parts[:, column + 3]
-        sums += [z * a, (m1 + z * delta) * a, (m2 + 2 * delta * m1 + z * delta * delta) * a]
-    u1, u2 = parts[:, st.P_U], parts[:, st.P_U + 1]
-    sums += [count, u1 + count * delta, u2 + 2 * delta * u1 + count * delta * delta]
-    sums.append(parts[:, st.P_CE + 1] * rescale(st.P_CE, maxima[:, 3]))
-    sums = torch.stack(sums, dim=1)
-    if extra is not None:
-        sums = torch.cat([sums, extra.to(sums.dtype)], dim=1)
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-
-    merged = torch.zeros_like(parts)
-    merged[:, st.P_SHIFT] = shift
-    merged[:, st.P_S] = maxima[:, 1]
-    merged[:, st.P_S + 1 : st.P_S + 4] = sums[:, 0:3]
-    merged[:, st.P_T] = maxima[:, 2]
-    merged[:, st.P_T + 1 : st.P_T + 4] = sums[:, 3:6]
-    merged[:, st.P_N] = sums[:, 6]
-    merged[:, st.P_U : st.P_U + 2] = sums[:, 7:9]
-    merged[:, st.P_CE] = maxima[:, 3]
-    merged[:, st.P_CE + 1] = sums[:, 9]
-    return merged, (sums[:, 10:] if extra is not None else None)
+def _merge_cross_entropy(gathered: torch.Tensor):
+    """(max, log2 Z) of the full-row cross-entropy softmax and (s[label], found) from the gathered
+    partials: O(N x world) work."""
+    maxima = gathered[..., st.P_CE]
+    m = maxima.amax(-1)
+    z = (gathered[..., st.P_CE + 1] * torch.exp2((maxima - torch.where(m == -math.inf, 0.0, m)[:, None])
+                                                 * LOG2E)).sum(-1)
+    label_logit, owners = gathered[..., st.P_LABEL].sum(-1), gathered[..., st.P_LABEL + 1].sum(-1)
+    return m, torch.log2(z), label_logit, owners > 0
 
 
 class VocabParallelFunction(torch.autograd.Function):
@@ -119,24 +99,26 @@ class VocabParallelFunction(torch.autograd.Function):
         kernels = backend_module(backend)
         n_rows = active.numel()
         parts = kernels.partials(student, teacher, active, None, spec).reshape(n_rows, st.PARTIAL)
-        extra = local = None
+        local = None
         if spec.has_ce:
-            # The label's logit lives on one rank: each contributes it if it owns it, and a count.
-            local = labels.reshape(n_rows) - vocab_start
+            # The label's logit lives on one rank: it rides in the partials' label columns.
+            local = labels - vocab_start
             owned = (local >= 0) & (local < student.shape[-1])
             index = torch.where(owned, local, 0).view(*student.shape[:-1], 1)
             picked = student.gather(-1, index).reshape(n_rows).to(parts.dtype)
-            extra = torch.stack([torch.where(owned, picked, 0.0), owned.to(parts.dtype)], dim=1)
-        merged, extra = all_reduce_partials(parts, group, extra)
-        # CSD from the kernels; the cross-entropy of the merged statistics here (O(N) work).
-        total, _, stats = kernels.finalize(merged, student, active, None, replace(spec, ce_weight=0.0))
+            parts[:, st.P_LABEL] = torch.where(owned, picked, 0.0)
+            parts[:, st.P_LABEL + 1] = owned.to(parts.dtype)
+        gathered = gather_partials(parts, group)
+        # CSD from the kernels; the cross-entropy of the gathered statistics here (O(N) work).
+        total, _, stats = kernels.finalize(gathered, student, active, None, replace(spec, ce_weight=0.0))
         label_found = None
         if spec.has_ce:
-            lse_1 = merged[:, st.P_CE] * LN2 + torch.log(merged[:, st.P_CE + 1])
-            label_found = extra[:, 1] > 0  # no rank owns it: out of range, NaN as in csd_loss
-            ce = torch.where(label_found, lse_1 - extra[:, 0], math.nan)
+            m_1, log2z_1, label_logit, label_found = _merge_cross_entropy(gathered)
+            # no rank owns the label: out of range, NaN as in csd_loss
+            ce = torch.where(label_found, (m_1 - label_logit) + log2z_1 * LN2, math.nan)
             total = total + spec.ce_weight * torch.where(active, ce, 0.0).to(total.dtype)
-            stats[:, st.LSE_1] = lse_1.to(stats.dtype)
+            stats[:, st.M_1] = m_1.to(stats.dtype)
+            stats[:, st.LOG2Z_1] = log2z_1.to(stats.dtype)
         ctx.save_for_backward(student, teacher, active, local, label_found, stats)
         ctx.spec, ctx.backend = spec, backend
         return total
@@ -187,7 +169,8 @@ def _vocab_parallel(student, teacher, spec_of, group, check_consistency, kw, all
     backend = resolve_backend(kw.get("backend", "auto"), student, teacher)
     lead = student.shape[:-1]
     active = active_positions(lead, student.device, labels, kw.get("mask"), kw.get("ignore_index", -100))
-    total = VocabParallelFunction.apply(student, teacher, active, labels, spec, backend, group, vocab_start)
+    flat_labels = row_labels(labels) if spec.has_ce else None  # any integer dtype: int64 before `- start`
+    total = VocabParallelFunction.apply(student, teacher, active, flat_labels, spec, backend, group, vocab_start)
     return reduce_rows(total, active, lead, kw.get("reduction", "mean"), kw.get("num_items_in_batch"))
 
 
@@ -210,9 +193,9 @@ def vocab_parallel_csd_loss(student_logits_shard: torch.Tensor, teacher_logits_s
             reduction, num_items_in_batch, backend, ce_weight, csd_weight, as in `csd_loss`
             (labels/mask identical on every rank).
 
-    Collectives: two all-reduces per forward (one MAX, one SUM) of N x 4 and N x 10 floats (N x 12 with
-    the cross-entropy, plus one all-gather of the shard widths when `vocab_start` is not given); none in
-    the backward. Returns the same loss on every rank; each rank's gradient is its slice of the full one.
+    Collectives: one all-gather per forward of N x 16 floats per rank (plus one all-gather of the shard
+    widths when `vocab_start` is not given with the cross-entropy); none in the backward. Returns the
+    same loss on every rank; each rank's gradient is its slice of the full one.
     """
     kw = csd_loss_keywords
     weighting = parse_weighting(kw.get("weighting", "ss"))

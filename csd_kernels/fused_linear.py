@@ -29,11 +29,13 @@ from .ops import backend_module, resolve_backend
 from .contract import (
     LossSpec,
     active_positions,
+    check_flag,
     check_inputs,
     check_labels_in_range,
     check_loss_weight,
     mean_denominator,
     parse_weighting,
+    row_labels,
 )
 
 _CSD_KEYWORDS = {
@@ -140,7 +142,7 @@ def _run_chunks(hidden, weight, bias, teacher, rows, active, labels, spec, kerne
 class FusedLinearCSDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_kind, teacher_parts, active, labels, spec, backend,
-                chunk_size, reduction, denominator, compact_rows):
+                chunk_size, reduction, denominator, compact_rows, want_grads):
         kernels = backend_module(backend)
         rows = active.nonzero().squeeze(1) if compact_rows else torch.arange(active.numel(), device=active.device)
         # On a CPU there is no low-precision GEMM with fp32 output: upcast the weight once per call.
@@ -152,15 +154,18 @@ class FusedLinearCSDFunction(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        if reduction == "none":  # the upstream gradient per position comes later: recompute then
-            row_loss, _ = _run_chunks(hidden, w, bias, teacher, rows, active, labels, spec, kernels,
-                                      chunk_size)
-            ctx.save_for_backward(hidden, weight, bias, rows, active, labels)
-            ctx.teacher, ctx.spec, ctx.backend, ctx.chunk_size = teacher, spec, backend, chunk_size
-            return row_loss
         scale = torch.ones(1, device=hidden.device)
         if denominator is not None:  # reduction="mean": every position's upstream gradient is 1/denominator
             scale = scale / denominator
+        if not want_grads or reduction == "none":
+            row_loss, _ = _run_chunks(hidden, w, bias, teacher, rows, active, labels, spec, kernels,
+                                      chunk_size)
+            if not want_grads:
+                return row_loss if reduction == "none" else row_loss.sum() * scale.reshape(())
+            # reduction="none": the upstream gradient per position comes later, so recompute then
+            ctx.save_for_backward(hidden, weight, bias, rows, active, labels)
+            ctx.teacher, ctx.spec, ctx.backend, ctx.chunk_size = teacher, spec, backend, chunk_size
+            return row_loss
         row_loss, grads = _run_chunks(hidden, w, bias, teacher, rows, active, labels, spec, kernels,
                                       chunk_size, grad_rows=scale, want_grads=True)
         ctx.save_for_backward(*[g for g in grads if g is not None])
@@ -186,7 +191,7 @@ class FusedLinearCSDFunction(torch.autograd.Function):
         # fp32 accumulators, cast once at the end
         grad_weight = grad_weight.to(ctx.weight_dtype)
         grad_bias = grad_bias.to(ctx.bias_dtype) if grad_bias is not None else None
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 10
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 11
 
 
 def fused_linear_csd_loss(
@@ -284,7 +289,8 @@ def fused_linear_csd_loss(
     if ce_weight > 0 and labels is None:
         raise ValueError(f"ce_weight={ce_weight} needs `labels` (the targets of the cross-entropy)")
     if kw.get("validate_labels", False) and labels is not None:
-        check_labels_in_range(labels, vocab, kw.get("ignore_index", -100))
+        check_labels_in_range(labels, vocab, kw.get("ignore_index", -100), mask)
+    check_flag("compact_rows", compact_rows)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     spec = LossSpec(*parse_weighting(kw.get("weighting", "ss")), temperature, teacher_temperature,
@@ -301,14 +307,17 @@ def fused_linear_csd_loss(
         teacher = ("hidden", (teacher_hidden.detach().reshape(n_rows, teacher_hidden.shape[-1]),
                               teacher_weight.detach(), teacher_bias.detach() if teacher_bias is not None else None))
     active = active_positions(lead, device, labels, mask, kw.get("ignore_index", -100))
-    flat_labels = labels.reshape(n_rows) if (labels is not None and spec.has_ce) else None
+    flat_labels = row_labels(labels) if (labels is not None and spec.has_ce) else None
     reduction = kw.get("reduction", "mean")
     denominator = None
     if reduction == "mean":
         denominator = mean_denominator(active, kw.get("num_items_in_batch"), torch.float32)
     if chunk_size is None:
         chunk_size = default_chunk_size(n_rows, vocab, teacher_vocab, device)
+    # Evaluation loops (no_grad, inference_mode, frozen weights) get the loss without the gradient work.
+    want_grads = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
     loss = FusedLinearCSDFunction.apply(
         hidden, student_weight, student_bias, teacher[0], teacher[1], active, flat_labels, spec, backend,
-        chunk_size, reduction, denominator, compact_rows)
+        chunk_size, reduction, denominator, compact_rows, want_grads)
     return loss.view(lead) if reduction == "none" else loss

@@ -10,12 +10,15 @@ from .ops import apply_loss, resolve_backend
 from .contract import (
     LossSpec,
     active_positions,
+    check_flag,
     check_inputs,
     check_labels_in_range,
+    check_options,
     check_loss_weight,
     kl_spec,
     parse_weighting,
     reduce_rows,
+    row_labels,
 )
 
 
@@ -101,13 +104,12 @@ def csd_loss(
     )
     ce_weight = check_loss_weight("ce_weight", ce_weight)
     csd_weight = check_loss_weight("csd_weight", csd_weight)
-    for name, flag in (("return_components", return_components), ("validate_labels", validate_labels)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    check_flag("return_components", return_components)
+    check_flag("validate_labels", validate_labels)
     if ce_weight > 0 and labels is None:
         raise ValueError(f"ce_weight={ce_weight} needs `labels` (the targets of the cross-entropy)")
     if validate_labels and labels is not None:
-        check_labels_in_range(labels, student_logits.shape[-1], ignore_index)
+        check_labels_in_range(labels, student_logits.shape[-1], ignore_index, mask)
     spec = LossSpec(*parse_weighting(weighting), temperature, teacher_temperature,
                     csd_weight=csd_weight, ce_weight=ce_weight)
     return _apply(spec, student_logits, teacher_logits, labels, ignore_index, mask, reduction,
@@ -116,12 +118,17 @@ def csd_loss(
 
 def _apply(spec, student_logits, teacher_logits, labels, ignore_index, mask, reduction,
            num_items_in_batch, backend, inplace_backward, return_components=False):
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    check_flag("inplace_backward", inplace_backward)
+    if inplace_backward and any(stride == 0 and size > 1
+                                for stride, size in zip(student_logits.stride(), student_logits.shape)):
+        raise ValueError("inplace_backward=True needs student_logits whose elements do not share memory (a "
+                         f"broadcast view has strides {tuple(student_logits.stride())}); pass a copy or "
+                         "inplace_backward=False")
     backend = resolve_backend(backend, student_logits, teacher_logits)
     lead = student_logits.shape[:-1]
     active = active_positions(lead, student_logits.device, labels, mask, ignore_index)
-    total, parts = apply_loss(student_logits, teacher_logits, active, labels if spec.has_ce else None,
+    total, parts = apply_loss(student_logits, teacher_logits, active,
+                              row_labels(labels) if spec.has_ce else None,
                               spec, backend, return_components, inplace_backward)
     loss = reduce_rows(total, active, lead, reduction, num_items_in_batch)
     if not return_components:
@@ -173,8 +180,7 @@ def kl_loss(
         num_items_in_batch=num_items_in_batch,
         backend=backend,
     )
-    if not isinstance(temperature_squared, bool):
-        raise TypeError(f"temperature_squared must be a bool, got {type(temperature_squared).__name__}")
+    check_flag("temperature_squared", temperature_squared)
     loss = _apply(kl_spec(kind, temperature), student_logits, teacher_logits, labels, ignore_index,
                   mask, reduction, num_items_in_batch, backend, inplace_backward)
     return loss * temperature**2 if temperature_squared else loss
@@ -201,6 +207,13 @@ class _LossModule(torch.nn.Module):
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown keyword argument(s) {sorted(unknown)}")
         self.kwargs = kwargs
+        # Every argument is checked now, not at the first call (tensors' shapes and devices excepted).
+        check_options(**{k: kwargs[k] for k in ("temperature", "teacher_temperature", "ignore_index",
+                                               "reduction", "backend", "num_items_in_batch") if k in kwargs})
+        check_flag("inplace_backward", kwargs.get("inplace_backward", False))
+        for name in ("labels", "mask"):
+            if kwargs.get(name) is not None and not isinstance(kwargs[name], torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(kwargs[name]).__name__}")
         self._validate()
 
     def _validate(self):
@@ -221,7 +234,12 @@ class CSDLoss(_LossModule):
                                     "return_components", "validate_labels"}
 
     def _validate(self):
-        parse_weighting(self.kwargs.get("weighting", "ss"))
+        kw = self.kwargs
+        parse_weighting(kw.get("weighting", "ss"))
+        check_loss_weight("ce_weight", kw.get("ce_weight", 0.0))
+        check_loss_weight("csd_weight", kw.get("csd_weight", 1.0))
+        for flag in ("return_components", "validate_labels"):
+            check_flag(flag, kw.get(flag, False))
 
 
 class KLLoss(_LossModule):
@@ -232,3 +250,4 @@ class KLLoss(_LossModule):
 
     def _validate(self):
         kl_spec(self.kwargs.get("kind", "forward"), 1.0)
+        check_flag("temperature_squared", self.kwargs.get("temperature_squared", False))

@@ -27,8 +27,11 @@ def kl_loss(student_logits, teacher_logits, *, kind="forward", temperature=1.0, 
     s, t, active, lead = _prepare(student_logits, teacher_logits, temperature, 1.0, labels,
                                   ignore_index, mask, reduction, num_items_in_batch)
     valid = (s != float("-inf")) & (t != float("-inf"))
-    log_p_s = torch.log_softmax(torch.where(valid, s / temperature, float("-inf")), dim=-1)
-    log_p_t = torch.log_softmax(torch.where(valid, t / temperature, float("-inf")), dim=-1)
+    # A row without any valid entry contributes 0 (as in csd_loss): give its softmax finite inputs so
+    # that no NaN appears, in the value or in the gradient, and mask every term below.
+    outside = torch.where(valid.any(dim=-1, keepdim=True), float("-inf"), 0.0)
+    log_p_s = torch.log_softmax(torch.where(valid, s / temperature, outside), dim=-1)
+    log_p_t = torch.log_softmax(torch.where(valid, t / temperature, outside), dim=-1)
     # Zero the log-probabilities of masked entries before subtracting them, so that -inf - -inf never
     # produces a NaN (in the value or, through `where`, in the gradient).
     safe_log_p_s = torch.where(valid, log_p_s, 0.0)
@@ -37,5 +40,5 @@ def kl_loss(student_logits, teacher_logits, *, kind="forward", temperature=1.0, 
         terms = log_p_t.exp() * (safe_log_p_t - safe_log_p_s)
     else:
         terms = log_p_s.exp() * (safe_log_p_s - safe_log_p_t)
-    row_loss = torch.where(active, terms.sum(-1), 0.0)
+    row_loss = torch.where(active, torch.where(valid, terms, 0.0).sum(-1), 0.0)
     return reduce_rows(row_loss, active, lead, reduction, num_items_in_batch)

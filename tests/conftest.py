@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -11,6 +12,10 @@ if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
+
+# Inductor's on-disk caches outlive a change of our operators' output shapes (a cached graph keeps the
+# shapes it was compiled for), so every test session compiles into a fresh directory of its own.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="csd-kernels-inductor-"))
 
 import pytest  # noqa: E402
 
@@ -31,10 +36,12 @@ def _seed():
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Shrink the Triton block so that interpreter-sized rows (V of a few hundred) span several blocks."""
-    from csd_kernels.kernels import triton_backend
+    """Shrink the Triton block (128) and the PyTorch backend's chunk (100 columns, so chunk and block
+    boundaries differ) so that interpreter-sized rows (V of a few hundred) span several of each."""
+    from csd_kernels.kernels import torch_backend, triton_backend
 
     monkeypatch.setattr(triton_backend, "MAX_BLOCK", 128)
+    monkeypatch.setattr(torch_backend, "_chunk_size", lambda n_rows, vocab, device: min(vocab, 100))
     return 128
 
 

@@ -27,7 +27,9 @@ def _inputs():
     teacher = student + torch.randn(3, 4, VOCAB, generator=g)
     student[0, 0, :60] = -float("inf")  # a masked block that spans the first shard only
     teacher[1, 2, 140:170] = -float("inf")  # one that spans a shard boundary
-    student[2, 1, 1] += 1e3  # a large offset in one row
+    student[2, 1, 1] += 1e3  # a large outlier in one row
+    teacher[2, 3, :160] = -float("inf")  # a row whose first shard is all -inf (on 2 ranks)
+    student[1, 1] = teacher[1, 1] + 1e3 + 0.1 * torch.randn(VOCAB, generator=g)  # d with a large offset
     labels = torch.randint(0, VOCAB, (3, 4), generator=g)
     labels[0, 3] = labels[2, 0] = -100
     return student, teacher, labels
@@ -46,6 +48,8 @@ def _worker(rank, world, init_file, backend, cases):
         student, teacher, labels = _inputs()
         start, stop = _shard_bounds(VOCAB, world, rank)
         for name, kwargs in cases:
+            if "strided" in name:  # per-row tensors as non-contiguous views
+                kwargs = {k: v.t().contiguous().t() if k in ("labels", "mask") else v for k, v in kwargs.items()}
             kl = name.startswith("kl")
             full_fn, shard_fn = (kl_loss, vocab_parallel_kl_loss) if kl else (csd_loss, vocab_parallel_csd_loss)
             full = student.clone().requires_grad_(True)
@@ -78,6 +82,8 @@ def _cases():
            ("csd-ce", dict(weighting="ts", labels=labels, ce_weight=0.7, csd_weight=0.5)),
            ("csd-ce-none", dict(weighting="ss", labels=labels, ce_weight=1.0, reduction="none",
                                 temperature=2.0)),
+           ("csd-ce-strided-int16", dict(weighting="uu", labels=labels.to(torch.int16), mask=mask,
+                                         ce_weight=0.5)),
            ("kl-forward", dict(kind="forward", temperature=2.0, labels=labels)),
            ("kl-reverse", dict(kind="reverse", reduction="none", mask=mask))]
     )

@@ -25,7 +25,7 @@ def reference_ce(student, labels, *, ignore_index=-100, mask=None, reduction="me
 
 
 def fused_reference(student, teacher, *, ce_weight, csd_weight=1.0, **kwargs):
-    positions = {k: kwargs[k] for k in ("mask", "reduction", "num_items_in_batch") if k in kwargs}
+    positions = {k: kwargs[k] for k in ("ignore_index", "mask", "reduction", "num_items_in_batch") if k in kwargs}
     return (csd_weight * reference.csd_loss(student, teacher, **kwargs)
             + ce_weight * reference_ce(student, kwargs["labels"], **positions))
 

@@ -55,9 +55,10 @@ def compile_all():
         for need, loss, ce in (((1, 0, 0), 0, 0), ((1, 1, 0), 0, 0), ((0, 0, 1), 0, 0), ((1, 1, 1), 0, 0),
                                ((1, 0, 0), 0, 1), ((1, 1, 0), 1, 0), ((1, 1, 0), 2, 0)):
             flags = dict(zip(("NEED_S", "NEED_T", "NEED_U"), map(bool, need)), LOSS=loss, CE=bool(ce))
+            lead = 2 if need == (0, 0, 1) else 1 if (need, loss) == ((1, 1, 0), 0) else 0  # "ts": w1 = T
             variants = [
-                (k._fwd_kernel, dict(flags, COMPONENTS=bool(ce), SPLIT=False, BLOCK=4096), 8),
-                (k._fwd_kernel, dict(flags, COMPONENTS=bool(ce), SPLIT=True, BLOCK=4096), 8),
+                (k._fwd_kernel, dict(flags, COMPONENTS=bool(ce), SPLIT=False, BLOCK=4096, LEAD=lead), 8),
+                (k._fwd_kernel, dict(flags, COMPONENTS=bool(ce), SPLIT=True, BLOCK=4096, LEAD=lead), 8),
                 (k._merge_kernel, dict(flags, COMPONENTS=bool(ce), BLOCK_P=8), 1),
                 (k._bwd_kernel, dict(flags, SHARDED=bool(ce), BLOCK=4096), 8),
             ]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from csd_kernels import CSDLoss, csd_loss
+from csd_kernels import CSDLoss, KLLoss, csd_loss, fused_linear_csd_loss, kl_loss
 from csd_kernels.contract import parse_weighting
 
 
@@ -60,7 +60,63 @@ CASES = [
      "does not take float64"),
     ("module keyword typo", lambda: CSDLoss(weightning="ss"), TypeError, "unknown keyword argument(s) ['weightning']"),
     ("module bad weighting", lambda: CSDLoss(weighting="xx"), ValueError, "unknown code 'xx'"),
+    # temperatures whose reciprocal is not a finite fp32 number
+    ("tiny temperature", lambda: csd_loss(S, T, temperature=1e-300), ValueError,
+     "temperature must lie in [1e-30, 1e+30] (its reciprocal must be a finite fp32 number), got 1e-300"),
+    ("huge teacher temperature", lambda: csd_loss(S, T, teacher_temperature=1e300), ValueError,
+     "teacher_temperature must lie in [1e-30, 1e+30]"),
+    ("tiny kl temperature", lambda: kl_loss(S, T, temperature=1e-40), ValueError, "temperature must lie in"),
+    ("inplace into a broadcast", lambda: csd_loss(S[:1].expand(2, 3, 10).requires_grad_(), T, inplace_backward=True),
+     ValueError, "inplace_backward=True needs student_logits whose elements do not share memory"),
+    ("fused-linear compact_rows", lambda: fused_linear_csd_loss(torch.randn(4, 3), torch.randn(10, 3),
+                                                                torch.randn(4, 10), compact_rows=1),
+     TypeError, "compact_rows must be a bool"),
 ]
+
+# The modules check every argument when they are built, not at the first call.
+MODULE_CASES = [
+    (CSDLoss, dict(temperature=0.0), ValueError, "temperature must be finite and > 0, got 0.0"),
+    (CSDLoss, dict(teacher_temperature=1e-300), ValueError, "teacher_temperature must lie in"),
+    (CSDLoss, dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (CSDLoss, dict(backend="cuda"), ValueError, "backend must be one of"),
+    (CSDLoss, dict(ce_weight=-1.0), ValueError, "ce_weight must be finite and >= 0, got -1.0"),
+    (CSDLoss, dict(csd_weight="1"), TypeError, "csd_weight must be a Python real number"),
+    (CSDLoss, dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (CSDLoss, dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be > 0"),
+    (CSDLoss, dict(return_components=1), TypeError, "return_components must be a bool"),
+    (CSDLoss, dict(validate_labels="yes"), TypeError, "validate_labels must be a bool"),
+    (CSDLoss, dict(inplace_backward=None), TypeError, "inplace_backward must be a bool"),
+    (CSDLoss, dict(labels=[1, 2]), TypeError, "labels must be a torch.Tensor"),
+    (KLLoss, dict(kind="sideways"), ValueError, "kind must be 'forward' or 'reverse'"),
+    (KLLoss, dict(temperature=-2.0), ValueError, "temperature must be finite and > 0"),
+    (KLLoss, dict(temperature_squared=1), TypeError, "temperature_squared must be a bool"),
+    (KLLoss, dict(reduction="batchmean"), ValueError, "reduction must be one of"),
+]
+
+
+@pytest.mark.parametrize("module, kwargs, exception, fragment", MODULE_CASES,
+                         ids=[f"{m.__name__}-{next(iter(k))}" for m, k, _, _ in MODULE_CASES])
+def test_modules_validate_at_construction(module, kwargs, exception, fragment):
+    with pytest.raises(exception) as info:
+        module(**kwargs)
+    assert fragment in str(info.value)
+
+
+def test_accepted_temperature_range_runs():
+    for tau in (1e-30, 1e30):
+        assert torch.isfinite(csd_loss(S, T, temperature=tau, teacher_temperature=tau, backend="torch"))
+
+
+def test_validate_labels_checks_only_counted_positions():
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    labels[0, 0] = 99  # out of range, but excluded by the mask
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[0, 0] = False
+    csd_loss(S, T, labels=labels, mask=mask, ce_weight=1.0, validate_labels=True)
+    fused_linear_csd_loss(torch.randn(2, 3, 4), torch.randn(10, 4), T, labels=labels, mask=mask,
+                          ce_weight=1.0, validate_labels=True)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\).*e.g. \[99\]"):
+        csd_loss(S, T, labels=labels, ce_weight=1.0, validate_labels=True)
 
 
 @pytest.mark.parametrize("call, exception, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -42,9 +42,9 @@ from . import stats as st
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-STATS = tl.constexpr(8)  # row stride of the statistics buffer: stats.NUM_STATS
-# A partial row statistic (stats.P_*): shift, (m, Z, M1, M2) of S, the same of T, (n, M1, M2) of U,
-# (m, Z) of the cross-entropy's softmax, padding.
+STATS = tl.constexpr(16)  # row stride of the statistics buffer: stats.NUM_STATS (columns there)
+# A partial row statistic (stats.P_*): shift, (m, Z, mu, M2) of S, the same of T, (n, mu, M2) of U,
+# (m, Z) of the cross-entropy's softmax, the vocabulary-parallel label columns.
 PARTIAL = tl.constexpr(16)
 NAN = tl.constexpr(float("nan"))
 
@@ -70,37 +70,84 @@ def _load_block(s_row, t_row, cols, stop):
 
 
 @triton.jit
-def _online_moments(x, valid, dd, m, z, m1, m2, MOMENTS: tl.constexpr):
-    # x is in log2 units. MOMENTS: 0 keeps only (m, Z), 1 adds M1, 2 adds M2. A row with no valid
-    # entry so far keeps m = -inf; subtract 0 in that case so exp2(-inf - -inf) never makes a NaN.
-    x = tl.where(valid, x, float("-inf"))
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(x - m_safe)
-    z = z * alpha + tl.sum(p, axis=0)
-    if MOMENTS >= 1:
-        pd = p * dd
-        m1 = m1 * alpha + tl.sum(pd, axis=0)
-        if MOMENTS >= 2:
-            m2 = m2 * alpha + tl.sum(pd * dd, axis=0)
-    return m_new, z, m1, m2
+def _chan_update(mu, m2, z_old, p, dd, mu_block, z_block, z_new, MOMENTS: tl.constexpr):
+    # Fold one block (weights p, mean mu_block, total z_block) into the running mean mu, centred M2 and
+    # total z_old (M2 and z_old already rescaled to the new max): Chan et al.'s pairwise update. The block's own M2 is taken around
+    # its own mean, so neither a far shift nor d drifting along the row makes it cancel (stats.py).
+    delta = mu_block - mu
+    share = tl.where(z_new > 0.0, z_block / tl.where(z_new > 0.0, z_new, 1.0), 0.0)
+    mu = mu + delta * share
+    if MOMENTS >= 2:
+        f = tl.where(p > 0.0, dd - mu_block, 0.0)
+        m2 = m2 + tl.sum(p * f * f, axis=0) + delta * delta * z_old * share
+    return mu, m2
 
 
 @triton.jit
-def _merge_moments(ptr, lanes, delta):
-    # Merge P partial (m, Z, M1, M2), each around its own shift c_p, into one around c (delta = c_p - c).
+def _online_moments(x, valid, dd, scale, m, z, mu, m2, MOMENTS: tl.constexpr):
+    # x: raw logits; scale = log2(e) / temperature. MOMENTS: 0 keeps only (m, Z), 1 adds the mean mu,
+    # 2 the centred M2, folded in with Chan's update (stats.py). A row with no valid entry so far keeps
+    # m = -inf; subtract 0 in that case so that -inf - -inf never makes a NaN.
+    x = tl.where(valid, x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2((m - m_safe) * scale)
+    p = tl.exp2((x - m_safe) * scale)  # (x - m) first: exact near the max, whatever |x| is
+    z_block = tl.sum(p, axis=0)
+    z_new = z * alpha + z_block
+    if MOMENTS >= 1:
+        mu_block = tl.sum(p * dd, axis=0) / tl.where(z_block > 0.0, z_block, 1.0)
+        mu, m2 = _chan_update(mu, m2 * alpha, z * alpha, p, dd, mu_block, z_block, z_new, MOMENTS)
+    return m_new, z_new, mu, m2
+
+
+@triton.jit
+def _mass_share(ptr, lanes, scale):
+    # Each partial's share of one softmax's total mass (0 where the base is unused or empty).
+    m_p = tl.load(ptr, mask=lanes, other=float("-inf"))
+    m = tl.max(m_p, axis=0)
+    w = tl.exp2((m_p - tl.where(m == float("-inf"), 0.0, m)) * scale) * tl.load(ptr + 1, mask=lanes, other=0.0)
+    total = tl.sum(w, axis=0)
+    return tl.where(total > 0.0, w / tl.where(total > 0.0, total, 1.0), 0.0)
+
+
+@triton.jit
+def _merge_moments(ptr, lanes, delta, scale):
+    # Chan's parallel merge of P partial (m, Z, mu, M2), each around its own shift c_p, into one around
+    # the row's shift c (delta = c_p - c).
     m_p = tl.load(ptr, mask=lanes, other=float("-inf"))
     z_p = tl.load(ptr + 1, mask=lanes, other=0.0)
-    m1_p = tl.load(ptr + 2, mask=lanes, other=0.0)
+    mu_p = tl.load(ptr + 2, mask=lanes, other=0.0)
     m2_p = tl.load(ptr + 3, mask=lanes, other=0.0)
     m = tl.max(m_p, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    scale = tl.exp2(m_p - m_safe)
-    z = tl.sum(scale * z_p, axis=0)
-    m1 = tl.sum(scale * (m1_p + z_p * delta), axis=0)
-    m2 = tl.sum(scale * (m2_p + 2.0 * delta * m1_p + z_p * delta * delta), axis=0)
-    return m, z, m1, m2
+    a = tl.exp2((m_p - tl.where(m == float("-inf"), 0.0, m)) * scale)
+    w = a * z_p
+    z = tl.sum(w, axis=0)
+    x = mu_p + delta
+    mu = tl.where(z > 0.0, tl.sum(w * x, axis=0) / tl.where(z > 0.0, z, 1.0), 0.0)
+    m2 = tl.sum(a * m2_p + w * (x - mu) * (x - mu), axis=0)
+    return m, z, mu, m2
+
+
+@triton.jit
+def _two_sum(a, b):
+    # a + b == total + residual exactly (Knuth's TwoSum; no products, so no FMA contraction changes it).
+    total = a + b
+    b_part = total - a
+    residual = (a - (total - b_part)) + (b - b_part)
+    return total, residual
+
+
+@triton.jit
+def _first_shift(s, t, valid, lanes, count, LEAD: tl.constexpr):
+    # The first shift c of a row (stats.py): d at the mode of w1's lead base (S: the largest s, T: the
+    # largest t), or for U the mean of the valid d. Near E_w1, so the first block's mean is precise.
+    d = tl.where(valid, s - t, 0.0)
+    if LEAD == 2:
+        return tl.sum(d, axis=0) / tl.maximum(count, 1.0)
+    x = tl.where(valid, s if LEAD == 0 else t, float("-inf"))
+    mode = tl.argmax(x, axis=0)
+    return tl.sum(tl.where(lanes == mode, d, 0.0), axis=0)
 
 
 @triton.jit
@@ -119,7 +166,7 @@ def _mix(a_s, a_t, a_u, v_s, v_t, v_u, NEED_S: tl.constexpr, NEED_T: tl.constexp
 @triton.jit
 def _finalize(
     row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
-    shift, n, m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2, m_1, z_1,
+    shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
     s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
     CE: tl.constexpr, COMPONENTS: tl.constexpr,
@@ -128,24 +175,23 @@ def _finalize(
     empty = n == 0.0
     inv_n = tl.where(empty, 0.0, 1.0 / tl.maximum(n, 1.0))
     inv_temp = s_scale * LN2
-    e_s = m1_s / z_s
-    q_s = m2_s / z_s
-    e_t = m1_t / z_t
-    q_t = m2_t / z_t
-    e_u = u1 * inv_n
-    q_u = u2 * inv_n
-    e1 = _mix(a1_s, a1_t, a1_u, e_s, e_t, e_u, NEED_S, NEED_T, NEED_U)
-    e2 = _mix(a2_s, a2_t, a2_u, e_s, e_t, e_u, NEED_S, NEED_T, NEED_U)
-    lse_s = (m_s + tl.log2(z_s)) * LN2
-    lse_t = (m_t + tl.log2(z_t)) * LN2
-    if LOSS == 0:  # CSD
-        q1 = _mix(a1_s, a1_t, a1_u, q_s, q_t, q_u, NEED_S, NEED_T, NEED_U)
-        q2 = _mix(a2_s, a2_t, a2_u, q_s, q_t, q_u, NEED_S, NEED_T, NEED_U)
-        loss = 0.25 * ((q1 - e1 * e1) + (q2 - e2 * e2) + (e1 - e2) * (e1 - e2))
+    var_s = m2_s / z_s
+    var_t = m2_t / z_t
+    var_u = m2_u * inv_n
+    e1 = _mix(a1_s, a1_t, a1_u, mu_s, mu_t, mu_u, NEED_S, NEED_T, NEED_U)
+    e2 = _mix(a2_s, a2_t, a2_u, mu_s, mu_t, mu_u, NEED_S, NEED_T, NEED_U)
+    log2z_s = tl.log2(z_s)
+    log2z_t = tl.log2(z_t)
+    if LOSS == 0:  # CSD; a mixture's variance without E[x^2] - E[x]^2 cancellation
+        v1 = _mix(a1_s, a1_t, a1_u, var_s + (mu_s - e1) * (mu_s - e1), var_t + (mu_t - e1) * (mu_t - e1),
+                  var_u + (mu_u - e1) * (mu_u - e1), NEED_S, NEED_T, NEED_U)
+        v2 = _mix(a2_s, a2_t, a2_u, var_s + (mu_s - e2) * (mu_s - e2), var_t + (mu_t - e2) * (mu_t - e2),
+                  var_u + (mu_u - e2) * (mu_u - e2), NEED_S, NEED_T, NEED_U)
+        loss = 0.25 * (v1 + v2 + (e1 - e2) * (e1 - e2))
     elif LOSS == 1:  # KL(T || S); here w1 = S, w2 = T and log p_S - log p_T = d / tau - lse_S + lse_T
-        loss = (lse_s - lse_t) - (e2 + shift) * inv_temp
+        loss = (((m_s - m_t) - shift) - e2) * inv_temp + (log2z_s - log2z_t) * LN2
     else:  # KL(S || T)
-        loss = (e1 + shift) * inv_temp - (lse_s - lse_t)
+        loss = (e1 - ((m_s - m_t) - shift)) * inv_temp - (log2z_s - log2z_t) * LN2
     # Rounding can leave a tiny negative variance; `where` (unlike maximum) keeps NaN visible.
     loss = tl.where(loss < 0.0, 0.0, loss)
     loss = tl.where(empty, 0.0, loss)
@@ -156,10 +202,12 @@ def _finalize(
         label = tl.load(labels_ptr + row).to(tl.int64)
         label_ok = (label >= 0) & (label < V)
         picked = tl.load(s_row + tl.where(label_ok, label, 0)).to(tl.float32)
-        lse_1 = (m_1 + tl.log2(z_1)) * LN2
-        ce = tl.where(label_ok, lse_1 - picked, NAN)
+        log2z_1 = tl.log2(z_1)
+        # (max - s[label]) + log Z: exactly 0 for a one-entry row, and no large lse to round
+        ce = tl.where(label_ok, (m_1 - picked) + log2z_1 * LN2, NAN)
         total += ce_weight * ce
-        tl.store(stats_row + 6, lse_1)
+        tl.store(stats_row + 8, m_1)
+        tl.store(stats_row + 9, log2z_1)
         if COMPONENTS:
             tl.store(comp_ptr + N + row, ce)
     if COMPONENTS:
@@ -167,12 +215,18 @@ def _finalize(
         if not CE:
             tl.store(comp_ptr + N + row, 0.0)
     tl.store(loss_ptr + row, total)
-    tl.store(stats_row + 0, lse_s)
-    tl.store(stats_row + 1, lse_t)
-    tl.store(stats_row + 2, tl.where(empty, 0.0, e1))
-    tl.store(stats_row + 3, tl.where(empty, 0.0, e2))
-    tl.store(stats_row + 4, shift)
-    tl.store(stats_row + 5, inv_n)
+    tl.store(stats_row + 0, m_s)
+    tl.store(stats_row + 1, log2z_s)
+    tl.store(stats_row + 2, m_t)
+    tl.store(stats_row + 3, log2z_t)
+    # The backward forms d - c - E_w1[d - c] per entry; re-centre c on E_w1 first (stats.py).
+    e1 = tl.where(empty, 0.0, e1)
+    e2 = tl.where(empty, 0.0, e2)
+    centre, residual = _two_sum(shift, e1)
+    tl.store(stats_row + 4, residual)
+    tl.store(stats_row + 5, (e2 - e1) + residual)
+    tl.store(stats_row + 6, centre)
+    tl.store(stats_row + 7, inv_n)
 
 
 @triton.jit
@@ -200,6 +254,7 @@ def _fwd_kernel(
     a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
     CE: tl.constexpr, COMPONENTS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+    LEAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
@@ -214,53 +269,59 @@ def _fwd_kernel(
     stop = tl.minimum(start + cols_per_program, V)
     lanes = tl.arange(0, BLOCK)
 
-    # Shift c: the mean of the valid d in this program's first block (that block is read again from
-    # cache by the loop below).
-    s, t, valid = _load_block(s_row, t_row, start + lanes, stop)
-    first_count = tl.sum(valid.to(tl.float32), axis=0)
-    shift = tl.sum(tl.where(valid, s - t, 0.0), axis=0) / tl.maximum(first_count, 1.0)
-
     zero = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)  # an fp32 scalar for loop-carried values
-    n = zero
-    m_s, z_s, m1_s, m2_s = zero - float("inf"), zero, zero, zero
-    m_t, z_t, m1_t, m2_t = zero - float("inf"), zero, zero, zero
+    shift, n = zero, zero
+    m_s, z_s, mu_s, m2_s = zero - float("inf"), zero, zero, zero
+    m_t, z_t, mu_t, m2_t = zero - float("inf"), zero, zero, zero
     m_1, z_1 = zero - float("inf"), zero
-    u1, u2 = zero, zero
+    mu_u, m2_u = zero, zero
     MOMENTS: tl.constexpr = 2 if LOSS == 0 else 1  # the KL divergences need no second moment
     for block_start in range(start, stop, BLOCK):
         s, t, valid = _load_block(s_row, t_row, block_start + lanes, stop)
+        block_n = tl.sum(valid.to(tl.float32), axis=0)
+        if n == 0.0:  # nothing accumulated yet: the shift c comes from this block's valid entries
+            shift = _first_shift(s, t, valid, lanes, block_n, LEAD)
         dd = tl.where(valid, s - t - shift, 0.0)
-        n += tl.sum(valid.to(tl.float32), axis=0)
+        n_new = n + block_n
         if NEED_S:
-            m_s, z_s, m1_s, m2_s = _online_moments(s * s_scale, valid, dd, m_s, z_s, m1_s, m2_s, MOMENTS)
+            m_s, z_s, mu_s, m2_s = _online_moments(s, valid, dd, s_scale, m_s, z_s, mu_s, m2_s, MOMENTS)
         if NEED_T:
-            m_t, z_t, m1_t, m2_t = _online_moments(t * t_scale, valid, dd, m_t, z_t, m1_t, m2_t, MOMENTS)
-        if NEED_U:
-            u1 += tl.sum(dd, axis=0)
-            u2 += tl.sum(dd * dd, axis=0)
+            m_t, z_t, mu_t, m2_t = _online_moments(t, valid, dd, t_scale, m_t, z_t, mu_t, m2_t, MOMENTS)
+        if NEED_U:  # Chan's update with unit weights
+            ones = valid.to(tl.float32)
+            mu_block = tl.sum(dd, axis=0) / tl.maximum(block_n, 1.0)
+            mu_u, m2_u = _chan_update(mu_u, m2_u, n, ones, dd, mu_block, block_n, n_new, 2)
+        n = n_new
+        # Move the shift onto the running E_w1, exactly (stats.py): the means stay small and precise
+        # even when d drifts along the row.
+        e_lead = _mix(a1_s, a1_t, a1_u, mu_s, mu_t, mu_u, NEED_S, NEED_T, NEED_U)
+        shift, residual = _two_sum(shift, e_lead)
+        mu_s = (mu_s - e_lead) + residual
+        mu_t = (mu_t - e_lead) + residual
+        mu_u = (mu_u - e_lead) + residual
         if CE:  # the usual cross-entropy: every finite student entry, temperature 1
-            m_1, z_1, _, _ = _online_moments(s * LOG2E, s != float("-inf"), dd, m_1, z_1, zero, zero, 0)
+            m_1, z_1, _, _ = _online_moments(s, s != float("-inf"), dd, LOG2E, m_1, z_1, zero, zero, 0)
 
     if SPLIT:
         out = part_ptr + (row * tl.num_programs(1) + part) * PARTIAL
         tl.store(out + 0, shift)
         tl.store(out + 1, m_s)
         tl.store(out + 2, z_s)
-        tl.store(out + 3, m1_s)
+        tl.store(out + 3, mu_s)
         tl.store(out + 4, m2_s)
         tl.store(out + 5, m_t)
         tl.store(out + 6, z_t)
-        tl.store(out + 7, m1_t)
+        tl.store(out + 7, mu_t)
         tl.store(out + 8, m2_t)
         tl.store(out + 9, n)
-        tl.store(out + 10, u1)
-        tl.store(out + 11, u2)
+        tl.store(out + 10, mu_u)
+        tl.store(out + 11, m2_u)
         tl.store(out + 12, m_1)
         tl.store(out + 13, z_1)
     else:
         _finalize(
             row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
-            shift, n, m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2, m_1, z_1,
+            shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
             s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
             NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,
         )
@@ -270,7 +331,7 @@ def _fwd_kernel(
 def _merge_kernel(
     part_ptr, s_ptr, labels_ptr, active_ptr, loss_ptr, comp_ptr, stats_ptr,
     N, V, L1, s_so, s_si, P,
-    s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+    s_scale, t_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
     CE: tl.constexpr, COMPONENTS: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -280,20 +341,25 @@ def _merge_kernel(
         return
     lanes = tl.arange(0, BLOCK_P) < P
     parts = part_ptr + row * P * PARTIAL + tl.arange(0, BLOCK_P) * PARTIAL
-    shift = tl.load(part_ptr + row * P * PARTIAL)  # partial 0's shift becomes the row's
-    delta = tl.load(parts, mask=lanes, other=0.0) - shift
+    # The row's shift: that of the partial holding most of w1's mass (each partial's shift sits on its
+    # own E_w1), so that the merged means stay small where they must be precise (stats.py).
+    c_p = tl.load(parts, mask=lanes, other=0.0)
     n_p = tl.load(parts + 9, mask=lanes, other=0.0)
-    u1_p = tl.load(parts + 10, mask=lanes, other=0.0)
-    u2_p = tl.load(parts + 11, mask=lanes, other=0.0)
     n = tl.sum(n_p, axis=0)
-    u1 = tl.sum(u1_p + n_p * delta, axis=0)
-    u2 = tl.sum(u2_p + 2.0 * delta * u1_p + n_p * delta * delta, axis=0)
-    m_s, z_s, m1_s, m2_s = _merge_moments(parts + 1, lanes, delta)
-    m_t, z_t, m1_t, m2_t = _merge_moments(parts + 5, lanes, delta)
-    m_1, z_1, _, _ = _merge_moments(parts + 12, lanes, delta)  # reads 2 pad slots as M1, M2: unused
+    lead = _mix(a1_s, a1_t, a1_u, _mass_share(parts + 1, lanes, s_scale),
+                _mass_share(parts + 5, lanes, t_scale), n_p / tl.maximum(n, 1.0), NEED_S, NEED_T, NEED_U)
+    first = tl.argmax(tl.where(lanes, lead, -1.0), axis=0)
+    shift = tl.sum(tl.where(tl.arange(0, BLOCK_P) == first, c_p, 0.0), axis=0)
+    delta = c_p - shift
+    x_u = tl.load(parts + 10, mask=lanes, other=0.0) + delta
+    mu_u = tl.sum(n_p * x_u, axis=0) / tl.maximum(n, 1.0)
+    m2_u = tl.sum(tl.load(parts + 11, mask=lanes, other=0.0) + n_p * (x_u - mu_u) * (x_u - mu_u), axis=0)
+    m_s, z_s, mu_s, m2_s = _merge_moments(parts + 1, lanes, delta, s_scale)
+    m_t, z_t, mu_t, m2_t = _merge_moments(parts + 5, lanes, delta, t_scale)
+    m_1, z_1, _, _ = _merge_moments(parts + 12, lanes, delta, LOG2E)  # reads the label slots as mu, M2: unused
     _finalize(
         row, N, V, _row_base(s_ptr, row, L1, s_so, s_si), labels_ptr, loss_ptr, comp_ptr, stats_ptr,
-        shift, n, m_s, z_s, m1_s, m2_s, m_t, z_t, m1_t, m2_t, u1, u2, m_1, z_1,
+        shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
         s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
         NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,
     )
@@ -321,20 +387,23 @@ def _bwd_kernel(
         return
 
     stats_row = stats_ptr + row * STATS
-    lse_s = tl.load(stats_row + 0) * LOG2E
-    lse_t = tl.load(stats_row + 1) * LOG2E
-    e1 = tl.load(stats_row + 2)
-    e2 = tl.load(stats_row + 3)
-    shift = tl.load(stats_row + 4)
-    inv_n = tl.load(stats_row + 5)
+    m_s = tl.load(stats_row + 0)
+    log2z_s = tl.load(stats_row + 1)
+    m_t = tl.load(stats_row + 2)
+    log2z_t = tl.load(stats_row + 3)
+    e1 = tl.load(stats_row + 4)
+    e2 = tl.load(stats_row + 5)
+    shift = tl.load(stats_row + 6)
+    inv_n = tl.load(stats_row + 7)
     upstream = tl.load(grow_ptr + row * grow_stride).to(tl.float32)
 
     s, t, valid = _load_block(
         _row_base(s_ptr, row, L1, s_so, s_si), _row_base(t_ptr, row, L1, t_so, t_si), cols, V
     )
     dd = s - t - shift
-    p_s = tl.exp2(s * s_scale - lse_s)
-    p_t = tl.exp2(t * t_scale - lse_t)
+    # (x - m) first, then the scale: exact exponents near the max at any |x| (stats.py)
+    p_s = tl.exp2((s - m_s) * s_scale - log2z_s)
+    p_t = tl.exp2((t - m_t) * t_scale - log2z_t)
     if LOSS == 0:  # CSD: 1/2 (w2 (d - E_w1) + w1 (d - E_w2))
         w1 = _mix(a1_s, a1_t, a1_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
         w2 = _mix(a2_s, a2_t, a2_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
@@ -347,7 +416,7 @@ def _bwd_kernel(
     g = tl.where(valid, g, 0.0)
     if CE:  # softmax(s) - onehot(label), with p - 1 formed in fp32 before the final cast
         label = tl.load(labels_ptr + row).to(tl.int64)
-        p_1 = tl.exp2(s * LOG2E - tl.load(stats_row + 6) * LOG2E)
+        p_1 = tl.exp2((s - tl.load(stats_row + 8)) * LOG2E - tl.load(stats_row + 9))
         ce_grad = tl.where(cols.to(tl.int64) == label, p_1 - 1.0, p_1)
         if not SHARDED:  # a vocabulary shard's label may lie in another shard: no one-hot here, no NaN
             ce_grad = tl.where((label >= 0) & (label < V), ce_grad, NAN)
@@ -431,6 +500,13 @@ def _rows(*tensors: torch.Tensor):
     return tensors, l1, strides
 
 
+def _per_row(x: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """A per-row tensor (labels, active flags) as the kernels index it: `ptr + row`, so contiguous.
+
+    A strided or stride-0 view (batch[:, 2], torch.tensor([False]).expand(n)) is copied: O(N) bytes."""
+    return x.reshape(n_rows).contiguous()
+
+
 def _launch_constants(spec: LossSpec):
     return (
         LOG2E.value / spec.temperature,
@@ -462,15 +538,17 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
     (s, t), l1, ((s_so, s_si), (t_so, t_si)) = _rows(student, teacher)
     block, num_warps = block_config(vocab)
     cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
+    active = _per_row(active, n_rows)
     # The labels are read only where a row is finalised; a placeholder pointer otherwise.
-    labels = labels.reshape(n_rows) if spec.has_ce and partials is None else active
+    labels = _per_row(labels, n_rows) if spec.has_ce and partials is None else active
     comp = parts if components else total  # likewise
     _fwd_kernel[(n_rows, programs)](
         s, t, labels, active, partials if partials is not None else total, total, comp, stats,
         n_rows, vocab, l1, cols_per_program,
         s_so, s_si, t_so, t_si,
         *_launch_constants(spec),
-        SPLIT=partials is not None, BLOCK=block, num_warps=num_warps, COMPONENTS=components, **_flags(spec),
+        SPLIT=partials is not None, BLOCK=block, num_warps=num_warps, COMPONENTS=components,
+        LEAD=spec.lead_base, **_flags(spec),
     )
     return total, parts, stats
 
@@ -492,14 +570,15 @@ def finalize(parts, student, active, labels, spec, components: bool = False):
     stats = torch.zeros(n_rows, st.NUM_STATS, dtype=torch.float32, device=device)
     if n_rows == 0:
         return total, pieces, stats
-    parts = parts.reshape(n_rows, -1, st.PARTIAL)
+    parts = parts.reshape(n_rows, -1, st.PARTIAL).contiguous()
     (s,), l1, ((s_so, s_si),) = _rows(student)
+    active = _per_row(active, n_rows)
     constants = _launch_constants(spec)
     _merge_kernel[(n_rows,)](
-        parts, s, labels.reshape(n_rows) if spec.has_ce else active, active, total,
+        parts, s, _per_row(labels, n_rows) if spec.has_ce else active, active, total,
         pieces if components else total, stats,
         n_rows, student.shape[-1], l1, s_so, s_si, parts.shape[1],
-        constants[0], *constants[2:],
+        *constants,
         BLOCK_P=triton.next_power_of_2(parts.shape[1]), num_warps=1, COMPONENTS=components, **_flags(spec),
     )
     return total, pieces, stats
@@ -549,8 +628,9 @@ def backward(
     if n_rows == 0:
         return out
     (s, t, g), l1, ((s_so, s_si), (t_so, t_si), (g_so, g_si)) = _rows(student, teacher, out)
-    labels = labels.reshape(n_rows) if spec.has_ce else active
-    grad_rows = grad_rows.reshape(n_rows)
+    active = _per_row(active, n_rows)
+    labels = _per_row(labels, n_rows) if spec.has_ce else active
+    grad_rows = grad_rows.reshape(n_rows)  # its stride is passed: a stride-0 broadcast needs no copy
     block, num_warps = block_config(vocab)
     _bwd_kernel[(n_rows, triton.cdiv(vocab, block))](
         s, t, g, labels, active, stats, grad_rows,

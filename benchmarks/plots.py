@@ -156,18 +156,23 @@ def memory_target_line(rows) -> str:
     return ""
 
 
-def update_readme(csv_path: str, readme: str) -> None:
-    run = os.path.basename(os.path.dirname(os.path.abspath(csv_path)))
-    begin, end = f"<!-- results:{run} -->", f"<!-- /results:{run} -->"
+def write_between_markers(readme: str, key: str, body: str) -> None:
+    """Replace what README.md holds between <!-- key --> and <!-- /key --> with `body`."""
+    begin, end = f"<!-- {key} -->", f"<!-- /{key} -->"
     text = open(readme).read()
     if begin not in text or end not in text:
         raise SystemExit(f"{readme} has no {begin} ... {end} markers")
-    rows = load(csv_path)
-    body = table(rows, _table_rows(rows)) + "\n" + linear_table(rows) + "\n" + memory_target_line(rows)
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     with open(readme, "w") as f:
         f.write(f"{head}{begin}\n{body}{end}{tail}")
+
+
+def update_readme(csv_path: str, readme: str) -> None:
+    run = os.path.basename(os.path.dirname(os.path.abspath(csv_path)))
+    rows = load(csv_path)
+    body = table(rows, _table_rows(rows)) + "\n" + linear_table(rows) + "\n" + memory_target_line(rows)
+    write_between_markers(readme, f"results:{run}", body)
 
 
 def _table_rows(rows, preferred=8192) -> int:

@@ -1,4 +1,8 @@
-"""Compile every Triton kernel variant for an H100/H200 (sm_90) without a GPU.
+"""Compile every Triton kernel variant for an H100/H200 (sm_90) without a GPU, as the large-tensor case.
+
+Every shape and stride is given as i64 without divisibility hints: what Triton's launcher specialises
+to when N x V passes 2^31 (the ordinary launch specialisation, i32 ints and 16-divisibility, is what
+`tests/test_sass_model.py` compiles through `benchmarks/sass.py`).
 
 The interpreter runs kernels as NumPy and so cannot catch what only the compiler sees (type errors in
 loop-carried values, unsupported ops, constexpr misuse). `triton.compile` with an explicit target

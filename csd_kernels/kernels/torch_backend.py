@@ -78,7 +78,7 @@ def _chan_update(mu, m2, z_old, p, dd, mu_block, z_block, z_new, second: bool):
     delta = mu_block - mu
     share = torch.where(z_new > 0, z_block / torch.where(z_new > 0, z_new, 1.0), 0.0)
     if second:
-        f = torch.where(p > 0, dd - mu_block[:, None], 0.0)
+        f = dd - mu_block[:, None]  # finite everywhere (dd is 0 outside the row), so p = 0 entries add 0
         m2 = m2 + (p * f * f).sum(-1) + delta * delta * z_old * share
     return mu + delta * share, m2
 

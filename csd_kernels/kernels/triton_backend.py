@@ -78,7 +78,7 @@ def _chan_update(mu, m2, z_old, p, dd, mu_block, z_block, z_new, MOMENTS: tl.con
     share = tl.where(z_new > 0.0, z_block / tl.where(z_new > 0.0, z_new, 1.0), 0.0)
     mu = mu + delta * share
     if MOMENTS >= 2:
-        f = tl.where(p > 0.0, dd - mu_block, 0.0)
+        f = dd - mu_block  # finite everywhere (dd is 0 outside the row), so p = 0 entries add 0
         m2 = m2 + tl.sum(p * f * f, axis=0) + delta * delta * z_old * share
     return mu, m2
 

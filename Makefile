@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 #   make test CPU_TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: install test bench example clean
+.PHONY: install test test-gpu test-gpu-quick bench example clean
 
 $(VENV)/.installed: setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,19 @@ install: $(VENV)/.installed
 
 test: install
 	$(BIN)/python -m pytest
+
+# On a machine with CUDA: the whole suite with the compiled Triton kernels, `gpu`-marked tests included.
+# It fails (rather than skipping) where no GPU is visible.
+test-gpu: install
+	$(BIN)/python tests/gpu_info.py
+	CSD_REQUIRE_GPU=1 $(BIN)/python -m pytest
+
+# The pull-request subset: parity of every loss, the input classes, compile and the GPU-only tests (minutes).
+GPU_QUICK_TESTS = tests/test_csd_loss.py tests/test_kl_loss.py tests/test_fused_ce.py tests/test_input_classes.py \
+	tests/test_fused_linear.py tests/test_compile.py tests/test_tolerances.py
+test-gpu-quick: install
+	$(BIN)/python tests/gpu_info.py
+	CSD_REQUIRE_GPU=1 $(BIN)/python -m pytest -m "gpu or not slow" $(GPU_QUICK_TESTS)
 
 bench: install
 	$(BIN)/python -m benchmarks

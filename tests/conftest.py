@@ -20,6 +20,12 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="csd-ke
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    if os.environ.get("CSD_REQUIRE_GPU") == "1" and not torch.cuda.is_available():
+        pytest.exit("CSD_REQUIRE_GPU=1 (make test-gpu) but torch sees no CUDA GPU: this run would only "
+                    "test the interpreter", returncode=2)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

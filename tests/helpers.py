@@ -83,3 +83,14 @@ def loss_and_grad(fn, student, teacher, upstream=None, **kwargs):
         upstream = torch.ones_like(loss)
     (grad,) = torch.autograd.grad(loss, student, upstream)
     return loss.detach(), grad
+
+
+def assert_gradient(grad, ref_grad, reference_fn, student, teacher, upstream=None, *, name="gradient", **kwargs):
+    """The gradient check of the parity tests: for a bf16/fp16 student, the low-precision criterion
+    against `reference_fn` in float64 (with `ref_grad`, the plain computation's gradient); otherwise
+    `assert_close` with the table's tolerance."""
+    if student.dtype not in (torch.bfloat16, torch.float16):
+        assert_close(grad, ref_grad, name=name)
+        return
+    _, exact = loss_and_grad(reference_fn, student.double(), teacher.double(), upstream, **kwargs)
+    assert_close_lowp(grad, exact, ref_grad, name=name)

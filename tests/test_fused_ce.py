@@ -9,15 +9,17 @@ import torch.nn.functional as F
 import reference
 from csd_kernels import CSDLoss, csd_loss
 from csd_kernels.contract import active_positions, reduce_rows
-from helpers import DEVICE, assert_close, loss_and_grad
+from helpers import DEVICE, assert_close, assert_gradient, loss_and_grad
 from test_csd_loss import MIX, WEIGHTINGS, WEIGHTING_IDS, make_logits
 
 
 def reference_ce(student, labels, *, ignore_index=-100, mask=None, reduction="mean",
                  num_items_in_batch=None):
-    """torch.nn.functional.cross_entropy in fp32, with csd_loss's masking and denominators."""
+    """torch.nn.functional.cross_entropy in fp32 (float64 for float64 logits), with csd_loss's masking and
+    denominators."""
     lead, vocab = student.shape[:-1], student.shape[-1]
-    per_position = F.cross_entropy(student.float().reshape(-1, vocab), labels.reshape(-1),
+    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    per_position = F.cross_entropy(student.to(compute).reshape(-1, vocab), labels.reshape(-1),
                                    ignore_index=ignore_index, reduction="none")
     active = active_positions(lead, student.device, labels, mask, ignore_index)
     per_position = torch.where(active, per_position, 0.0)
@@ -40,7 +42,8 @@ def check_fused(student, teacher, backend, upstream=None, **kwargs):
     loss, grad = loss_and_grad(csd_loss, student, teacher, upstream, backend=backend, **kwargs)
     ref_loss, ref_grad = loss_and_grad(fused_reference, student, teacher, upstream, **kwargs)
     assert_close(loss, ref_loss, dtype=torch.float32, name=f"{backend} CSD + CE")
-    assert_close(grad, ref_grad, name=f"{backend} CSD + CE gradient")
+    assert_gradient(grad, ref_grad, fused_reference, student, teacher, upstream,
+                    name=f"{backend} CSD + CE gradient", **kwargs)
 
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS, ids=WEIGHTING_IDS)

@@ -7,20 +7,24 @@ import torch
 
 import reference
 from csd_kernels import KLLoss, kl_loss
-from helpers import DEVICE, assert_close, loss_and_grad
+from helpers import DEVICE, assert_close, assert_gradient, loss_and_grad
 from test_csd_loss import make_logits
 
 
 def check_kl_parity(student, teacher, backend, upstream=None, **kwargs):
     loss, grad = loss_and_grad(kl_loss, student, teacher, upstream, backend=backend, **kwargs)
-    ref_loss, ref_grad = loss_and_grad(reference.kl_loss, student, teacher, upstream,
-                                       **{k: v for k, v in kwargs.items() if k != "temperature_squared"})
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "temperature_squared"}
+    ref_loss, ref_grad = loss_and_grad(reference.kl_loss, student, teacher, upstream, **ref_kwargs)
     if kwargs.get("temperature_squared"):
         scale = kwargs["temperature"] ** 2
         ref_loss, ref_grad = ref_loss * scale, ref_grad * scale
     assert loss.dtype == torch.float32 and grad.dtype == student.dtype
     assert_close(loss, ref_loss, dtype=torch.float32, name=f"{backend} KL")
-    assert_close(grad, ref_grad, name=f"{backend} KL gradient")
+    reference_fn = reference.kl_loss
+    if kwargs.get("temperature_squared"):
+        reference_fn = lambda *a, **k: reference.kl_loss(*a, **k) * kwargs["temperature"] ** 2  # noqa: E731
+    assert_gradient(grad, ref_grad, reference_fn, student, teacher, upstream, name=f"{backend} KL gradient",
+                    **ref_kwargs)
     return loss, grad
 
 

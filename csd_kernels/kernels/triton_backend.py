@@ -7,7 +7,7 @@ hard-label cross-entropy (one more running log-sum-exp, one load of s[label] per
 
     forward   grid (N, P): program (row, p) streams columns [p * cols, (p + 1) * cols) of one row in
               BLOCK-wide chunks and keeps online softmax moments for S and/or T and plain moments for U.
-              P == 1 (many rows): the program finalises the row itself (loss + 7 statistics).
+              P == 1 (many rows): the program finalises the row itself (loss + 10 statistics).
               P > 1 (few rows, long vocabulary): it writes 14 partial statistics and `_merge_kernel`
               (grid (N,)) merges the P partials of each row. Deterministic: fixed merge order, no atomics.
     backward  grid (N, cdiv(V, BLOCK)): each program recomputes S(k), T(k), U(k) for one block from the

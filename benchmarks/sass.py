@@ -31,7 +31,6 @@ them against measured bandwidth on the same variants.
 from __future__ import annotations
 
 import argparse
-import collections
 import csv
 import os
 import re

@@ -17,32 +17,41 @@ TOLERANCES = {
 }
 
 
+def _as_float64(*tensors):
+    return [x.detach().to(torch.float64).cpu() for x in tensors]
+
+
+def _check_bound(name, actual, expected, bound_of, criterion, plain=None):
+    """Fail unless the NaN patterns agree and |actual - expected| <= bound_of(expected) elementwise,
+    naming how many elements fail, the worst one's index and its values."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    same_nan = torch.isnan(actual) == torch.isnan(expected)
+    assert bool(same_nan.all()), f"{name}: NaN pattern differs at {torch.nonzero(~same_nan)[:5].tolist()}"
+    a, e = torch.nan_to_num(actual), torch.nan_to_num(expected)
+    excess = (a - e).abs() - bound_of(e)
+    if excess.numel() and excess.max() > 0:
+        worst = int(excess.argmax())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), e.shape))
+        also = f", plain {torch.nan_to_num(plain).flatten()[worst].item():.9g}" if plain is not None else ""
+        raise AssertionError(
+            f"{name}: {int((excess > 0).sum())} of {e.numel()} elements {criterion}; worst at index {index}: "
+            f"got {a.flatten()[worst].item():.9g}, expected {e.flatten()[worst].item():.9g}{also}"
+        )
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype=None, name="value", scale=None):
     """assert |actual - expected| <= atol * scale + rtol * |expected| elementwise, reporting the worst.
 
     `scale` (default: max |expected|) makes atol relative to the tensor's magnitude, so tiny entries
     next to large ones do not need an absurd relative accuracy.
     """
-    dtype = dtype or actual.dtype
-    rtol, atol = TOLERANCES[dtype]
-    actual = actual.detach().to(torch.float64).cpu()
-    expected = expected.detach().to(torch.float64).cpu()
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    same_nan = torch.isnan(actual) == torch.isnan(expected)
-    assert bool(same_nan.all()), f"{name}: NaN pattern differs at {torch.nonzero(~same_nan)[:5].tolist()}"
-    a, e = torch.nan_to_num(actual), torch.nan_to_num(expected)
+    rtol, atol = TOLERANCES[dtype or actual.dtype]
+    actual, expected = _as_float64(actual, expected)
     if scale is None:
-        scale = e.abs().max().item() if e.numel() else 1.0
-    bound = atol * max(scale, 1.0) + rtol * e.abs()
-    excess = (a - e).abs() - bound
-    if excess.numel() and excess.max() > 0:
-        worst = int(excess.argmax())
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), e.shape))
-        raise AssertionError(
-            f"{name}: {int((excess > 0).sum())} of {e.numel()} elements out of tolerance "
-            f"(rtol={rtol}, atol={atol} x {max(scale, 1.0):.3g}); worst at index {index}: "
-            f"got {a.flatten()[worst].item():.9g}, expected {e.flatten()[worst].item():.9g}"
-        )
+        scale = torch.nan_to_num(expected).abs().max().item() if expected.numel() else 1.0
+    scale = max(scale, 1.0)
+    _check_bound(name, actual, expected, lambda e: atol * scale + rtol * e.abs(),
+                 f"out of tolerance (rtol={rtol}, atol={atol} x {scale:.3g})")
 
 
 # Low-precision results (bf16/fp16 gradients) are judged by the plain low-precision computation of the
@@ -59,20 +68,15 @@ def assert_close_lowp(actual, exact, naive, *, name="value", factor=LOWP_FACTOR)
     `exact`: the float64 ground truth; `naive`: the plain computation's result in actual's dtype."""
     dtype = actual.dtype
     _, atol = TOLERANCES[dtype]
-    a, e, n = (x.detach().to(torch.float64).cpu() for x in (actual, exact, naive))
-    assert a.shape == e.shape == n.shape, f"{name}: shapes {tuple(a.shape)}, {tuple(e.shape)}, {tuple(n.shape)}"
-    scale = max(e.abs().max().item(), 1.0) if e.numel() else 1.0
-    half_ulp = e.abs() * (torch.finfo(dtype).eps / 2)
-    bound = factor * torch.maximum((n - e).abs(), half_ulp) + atol * scale
-    excess = (a - e).abs() - bound
-    if excess.numel() and excess.max() > 0:
-        worst = int(excess.argmax())
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), e.shape))
-        raise AssertionError(
-            f"{name}: {int((excess > 0).sum())} of {e.numel()} elements beyond {factor}x the plain {dtype} "
-            f"error; worst at index {index}: got {a.flatten()[worst].item():.9g}, exact "
-            f"{e.flatten()[worst].item():.9g}, plain {n.flatten()[worst].item():.9g}"
-        )
+    a, e, n = _as_float64(actual, exact, naive)
+    assert n.shape == e.shape, f"{name}: plain result shape {tuple(n.shape)} != {tuple(e.shape)}"
+    scale = max(torch.nan_to_num(e).abs().max().item(), 1.0) if e.numel() else 1.0
+    naive_error = torch.nan_to_num((n - e).abs())
+
+    def bound(e_):
+        return factor * torch.maximum(naive_error, e_.abs() * (torch.finfo(dtype).eps / 2)) + atol * scale
+
+    _check_bound(name, a, e, bound, f"beyond {factor}x the plain {dtype} error", plain=n)
 
 
 def loss_and_grad(fn, student, teacher, upstream=None, **kwargs):

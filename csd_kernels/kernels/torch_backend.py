@@ -54,16 +54,6 @@ def _chunks(student, teacher, n_rows, dtype):
         yield start, stop, s, t, valid
 
 
-def _first_shift(s, t, d, valid, count, lead: int):
-    """Per row, the first shift c (stats.py): d at the mode of w1's lead base (S: the largest s, T: the
-    largest t), or for U the mean of the valid d. Near E_w1, so the first chunk's mean is precise."""
-    d = torch.where(valid, d, 0.0)
-    if lead == 2:
-        return d.sum(-1) / count.clamp_min(1)
-    mode = torch.where(valid, s if lead == 0 else t, -math.inf).argmax(-1, keepdim=True)
-    return d.gather(1, mode).squeeze(1)
-
-
 def two_sum(a, b):
     """(total, residual) with a + b == total + residual exactly (Knuth's TwoSum)."""
     total = a + b
@@ -96,9 +86,14 @@ class _OnlineMoments:
         self.mu = torch.zeros_like(self.z)
         self.m2 = torch.zeros_like(self.z)
 
-    def update(self, x: torch.Tensor, valid: torch.Tensor, dd: Optional[torch.Tensor]) -> None:
-        x = torch.where(valid, x, -math.inf)
-        m_new = torch.maximum(self.m, x.amax(dim=-1))
+    def update(self, x: torch.Tensor, valid: torch.Tensor, dd: Optional[torch.Tensor],
+               masked: Optional[torch.Tensor] = None, top: Optional[torch.Tensor] = None) -> None:
+        """`masked`, `top`: x with invalid entries at -inf and its row maxima, when the caller has them."""
+        if masked is None:
+            masked = torch.where(valid, x, -math.inf)
+            top = masked.amax(dim=-1)
+        x = masked
+        m_new = torch.maximum(self.m, top)
         # A row with no valid entry yet keeps m = -inf; subtracting 0 instead avoids inf - inf = NaN.
         m_safe = torch.where(m_new == -math.inf, 0.0, m_new)
         alpha = torch.exp2((self.m - m_safe) * self.scale)
@@ -152,13 +147,23 @@ def partials(
     for start, _, s, t, valid in _chunks(student, teacher, n_rows, dtype):
         d = s - t
         chunk_n = valid.sum(-1).to(dtype)
-        # The shift comes from the first chunk in which the row has any valid entry (stats.py).
-        shift = torch.where(count == 0, _first_shift(s, t, d, valid, chunk_n, spec.lead_base), shift)
+        # The shift comes from the first chunk in which the row has any valid entry (stats.py): d at the
+        # mode of w1's lead base (the largest s for S, t for T), or for U the mean of the valid d. The
+        # lead base's masked logits and row maxima serve its update too, so the seed costs no extra pass.
+        lead = spec.lead_base
+        masked = top = None
+        if lead < 2:
+            masked = torch.where(valid, (s, t)[lead], -math.inf)
+            top, mode = masked.max(dim=-1)
+            seed = torch.where(chunk_n > 0, d.gather(1, mode[:, None]).squeeze(1), 0.0)
+        else:
+            seed = torch.where(valid, d, 0.0).sum(-1) / chunk_n.clamp_min(1)
+        shift = torch.where(count == 0, seed, shift)
         dd = torch.where(valid, d - shift[:, None], 0.0)
         new_count = count + chunk_n
-        for base, logits in zip(bases, (s, t)):
+        for b, (base, logits) in enumerate(zip(bases, (s, t))):
             if base is not None:
-                base.update(logits, valid, dd)
+                base.update(logits, valid, dd, *((masked, top) if b == lead else (None, None)))
         if spec.need_uniform:  # Chan's update with unit weights
             u_mu, u_m2 = _chan_update(u_mu, u_m2, count, valid.to(dtype), dd, dd.sum(-1) / chunk_n.clamp_min(1),
                                       chunk_n, new_count, True)

@@ -366,3 +366,63 @@ def mean_denominator(active: torch.Tensor, num_items_in_batch, dtype: torch.dtyp
     if isinstance(num_items_in_batch, torch.Tensor):
         return num_items_in_batch.reshape(()).to(device=active.device, dtype=dtype)
     return float(num_items_in_batch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Top-k teachers (topk.py): the teacher as (ids, log-probabilities) per position
+# ----------------------------------------------------------------------------------------------------
+def check_topk_inputs(student_logits, teacher_ids, teacher_logprobs) -> None:
+    """Shapes, dtypes and devices of a top-k call: student (..., V), ids and logprobs (..., K), K >= 1."""
+    _check_logits("student_logits", student_logits)
+    if student_logits.shape[-1] == 0:
+        raise ValueError(f"student_logits has a zero-size vocabulary: shape {tuple(student_logits.shape)}")
+    if not isinstance(teacher_ids, torch.Tensor):
+        raise TypeError(f"teacher_ids must be a torch.Tensor, got {type(teacher_ids).__name__}")
+    if not isinstance(teacher_logprobs, torch.Tensor):
+        raise TypeError(f"teacher_logprobs must be a torch.Tensor, got {type(teacher_logprobs).__name__}")
+    if teacher_ids.dtype.is_floating_point or teacher_ids.dtype.is_complex or teacher_ids.dtype == torch.bool:
+        raise TypeError(f"teacher_ids must be an integer tensor, got {teacher_ids.dtype}")
+    if teacher_logprobs.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"teacher_logprobs must be a floating tensor of dtype {LOGIT_DTYPES}, got "
+                        f"{teacher_logprobs.dtype}")
+    if tuple(teacher_ids.shape) != tuple(teacher_logprobs.shape):
+        raise ValueError(f"teacher_ids and teacher_logprobs must have the same shape, got "
+                         f"{tuple(teacher_ids.shape)} and {tuple(teacher_logprobs.shape)}")
+    lead = tuple(student_logits.shape[:-1])
+    if teacher_ids.dim() < 1 or tuple(teacher_ids.shape[:-1]) != lead:
+        raise ValueError(f"teacher_ids must have shape (..., K) with the student's leading shape {lead}, got "
+                         f"{tuple(teacher_ids.shape)} (student_logits {tuple(student_logits.shape)})")
+    if teacher_ids.shape[-1] == 0:
+        raise ValueError(f"teacher_ids needs at least one entry per position (K >= 1), got shape "
+                         f"{tuple(teacher_ids.shape)}")
+    for name, x in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
+        if x.device != student_logits.device:
+            raise ValueError(f"{name} is on {x.device} but student_logits is on {student_logits.device}")
+
+
+def check_topk_ids(teacher_ids, teacher_logprobs, vocab: int) -> None:
+    """The opt-in host check (`validate_ids=True`): every real id (id >= 0 and logprob > -inf) lies in
+    [0, vocab) and no row repeats one. It synchronises with the device."""
+    ids = teacher_ids.reshape(-1, teacher_ids.shape[-1]).to(torch.int64)
+    real = (ids >= 0) & (teacher_logprobs.reshape(ids.shape) != -math.inf)
+    bad = ids[real & (ids >= vocab)]
+    if bad.numel():
+        raise ValueError(f"teacher_ids must be < V = {vocab} (or negative for padding); got {bad.numel()} "
+                         f"out of range, e.g. {bad[:5].tolist()}")
+    # Sort each row's real ids (padding mapped to distinct negative values) and compare neighbours.
+    keyed = torch.where(real, ids, -1 - torch.arange(ids.shape[-1], device=ids.device))
+    ordered = keyed.sort(dim=-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if bool(repeated.any()):
+        row = int(repeated.any(dim=-1).nonzero()[0])
+        value = int(ordered[row, 1:][repeated[row]][0])
+        raise ValueError(f"teacher_ids repeats id {value} in position {row} (flattened); duplicate ids in a "
+                         f"row are not allowed")
+
+
+def check_k(k, vocab: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must lie in [1, V] = [1, {vocab}], got {k}")
+    return int(k)

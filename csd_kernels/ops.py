@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .contract import KINDS, LossSpec
 from .kernels import stats as st
+from .kernels.torch_backend import _label_logits
 
 _BACKEND_MODULES = {
     "torch": "csd_kernels.kernels.torch_backend",
@@ -171,3 +172,90 @@ def apply_loss(student, teacher, active, labels, spec: LossSpec, backend: str, c
         spec.teacher_temperature, spec.kind_code, spec.csd_weight, spec.ce_weight, backend,
         components, inplace)
     return total, parts.detach()  # the components are for logging
+
+
+# ----------------------------------------------------------------------------------------------------
+# Top-k teachers (topk.py): the student's side of the coarsened rows
+# ----------------------------------------------------------------------------------------------------
+_TOPK_MODULES = {
+    "torch": "csd_kernels.kernels.topk_torch",
+    "triton": "csd_kernels.kernels.topk_triton",
+}
+
+
+def _log_sum_exp_all(support: Tensor, tail: Tensor) -> Tensor:
+    """log-sum-exp of the whole row from its parts: logaddexp(tail, logsumexp of the support logits)."""
+    parts = torch.cat([support, tail[:, None]], dim=1)
+    m = parts.amax(dim=1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)
+    return (m + (parts - m).exp().sum(dim=1, keepdim=True).log())[:, 0]
+
+
+@torch.library.custom_op("csd_kernels::topk_student", mutates_args=())
+def topk_student(student: Tensor, ids: Tensor, active: Tensor, labels: Optional[Tensor], stream: bool,
+                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(support logits (N, K), tail log-sum-exp (N,), log-sum-exp of the row (N,), s[label] (N,)).
+
+    `ids` (N, K) int32, -1 where not in the support. Without `stream` only the support is read (tail
+    -inf). s[label] is 0 without labels, NaN for a label outside [0, V)."""
+    support, tail = importlib.import_module(_TOPK_MODULES[backend]).student_pass(student, ids, active, stream)
+    lse = _log_sum_exp_all(support, tail)
+    if labels is None:
+        label_logit = torch.zeros_like(tail)
+    else:
+        label_logit = _label_logits(student, labels, ids.shape[0], student.shape[-1], tail.dtype)
+    return support, tail, lse, label_logit
+
+
+@topk_student.register_fake
+def _(student, ids, active, labels, stream, backend):
+    dtype = _result_dtype(student, student)
+    n_rows = ids.shape[0]
+    return (ids.new_empty(ids.shape, dtype=dtype),) + tuple(ids.new_empty(n_rows, dtype=dtype) for _ in range(3))
+
+
+@torch.library.custom_op("csd_kernels::topk_student_backward", mutates_args=())
+def topk_student_backward(
+    student: Tensor, ids: Tensor, active: Tensor, labels: Optional[Tensor], support: Tensor, tail: Tensor,
+    lse: Tensor, grad_support: Tensor, grad_tail: Tensor, grad_lse: Tensor, grad_label: Optional[Tensor],
+    stream: bool, backend: str,
+) -> Tensor:
+    """Chain the gradients of the four outputs onto the full row (the student's shape and dtype):
+
+        off the support  g_j = exp(s_j - tail) * (g_tail + g_lse exp(tail - lse))  [+ g_label at the label]
+        on the support   g_k = g_support_k + g_lse exp(s_k - lse)                  [+ g_label at the label]
+    """
+    keep = active[:, None] & (ids >= 0)
+    live = active & (tail != float("-inf"))
+    coef = torch.where(live, grad_tail + grad_lse * torch.exp(tail - torch.where(live, lse, 0.0)), 0.0)
+    values = grad_support + grad_lse[:, None] * torch.where(support == float("-inf"), 0.0,
+                                                            torch.exp(support - lse[:, None]))
+    if grad_label is not None:
+        values = values + torch.where(ids.long() == labels.reshape(-1, 1), grad_label[:, None], 0.0)
+    values = torch.where(keep, values, 0.0)
+    return importlib.import_module(_TOPK_MODULES[backend]).student_backward(
+        student, ids, active, labels, tail, coef, values, grad_label, stream)
+
+
+@topk_student_backward.register_fake
+def _(student, *args):
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+def _topk_setup_context(ctx, inputs, output):
+    student, ids, active, labels, stream, backend = inputs
+    support, tail, lse, _ = output
+    ctx.save_for_backward(student, ids, active, labels, support, tail, lse)
+    ctx.stream, ctx.backend = stream, backend
+
+
+def _topk_backward(ctx, grad_support, grad_tail, grad_lse, grad_label):
+    student, ids, active, labels, support, tail, lse = ctx.saved_tensors
+    zero = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731 (unused outputs)
+    grad = topk_student_backward(
+        student, ids, active, labels, support, tail, lse, zero(grad_support, support), zero(grad_tail, tail),
+        zero(grad_lse, lse), None if labels is None else zero(grad_label, tail), ctx.stream, ctx.backend)
+    return grad, None, None, None, None, None
+
+
+topk_student.register_autograd(_topk_backward, setup_context=_topk_setup_context)

@@ -18,7 +18,8 @@ that needs `w` warp-instructions per element can stream at most
 
     issue_bound = SMs x 4 x clock / w   elements per second,   x bytes per element
 
-(forward: s and t read, 2 x itemsize; backward: s, t read and the gradient written, 3 x itemsize).
+(forward: s and t read, 2 x itemsize; backward: s, t read and the gradient written, 3 x itemsize; the
+top-k student pass (`loss` topk, K = 64 ids a row) reads s alone forward, s and the gradient backward).
 `w` counts the hot path: the vocabulary loop's body without the blocks that a forward branch inside it
 jumps over (Triton's runtime `if`s; here only the first block's shift) times num_warps / BLOCK, plus
 every other instruction of the kernel amortised over the row's columns (finalisation, prologue: a
@@ -61,13 +62,20 @@ FIELDS = ["kernel", "loss", "weighting", "ce", "dtype", "arch", "vocab", "aligne
           "gpu_model", "triton", "commit"]
 
 
+# The top-k losses' student pass (topk_triton.py) with K = TOPK_K support ids per row: one kernel
+# whatever the weighting (the losses proper run the dense kernels on (N, K + 1) rows).
+TOPK_K = 64
+
+
 def variants():
     """(loss, weighting code, ce) of every loss variant the model covers."""
     out = [("csd", code, ce) for code in WEIGHTINGS for ce in (0, 1)]
-    return out + [("kl-forward", "st", 0), ("kl-reverse", "st", 0)]
+    return out + [("kl-forward", "st", 0), ("kl-reverse", "st", 0), ("topk", "-", 0), ("topk", "-", 1)]
 
 
 def target_for(loss, weighting, ce):
+    if loss == "topk":
+        return ""  # the issue set no target: compare with the copy bandwidth (GPUS)
     if ce:
         return TARGETS["ce"]
     if loss.startswith("kl") or weighting in ("ts", "st", "mix"):
@@ -104,9 +112,38 @@ class _Pointer:
         return self._address
 
 
+def _record_topk_launches(ce, dtype, vocab, rows):
+    import torch
+
+    from csd_kernels.kernels import topk_triton as tk
+
+    originals = {name: getattr(tk, name) for name in ("_topk_fwd_kernel", "_topk_bwd_kernel",
+                                                      "_topk_support_kernel")}
+    launches = []
+    try:
+        for name, fn in originals.items():
+            setattr(tk, name, _Recorder(fn, launches))
+        s = torch.empty(rows, vocab, dtype=dtype, device="meta")
+        ids = torch.empty(rows, TOPK_K, dtype=torch.int32, device="meta")
+        active = torch.ones(rows, dtype=torch.bool, device="meta")
+        per_row = torch.empty(rows, device="meta")
+        tk.student_pass(s, ids, active, True)
+        labels = torch.zeros(rows, dtype=torch.int64, device="meta") if ce else None
+        tk.student_backward(s, ids, active, labels, per_row, per_row, torch.empty(rows, TOPK_K, device="meta"),
+                            per_row if ce else None, True)
+    finally:
+        for name, fn in originals.items():
+            setattr(tk, name, fn)
+    roles = {"_topk_fwd_kernel": "forward", "_topk_bwd_kernel": "backward", "_topk_support_kernel": "scatter"}
+    return [(roles[fn.__name__], fn, grid, args, kwargs) for fn, grid, args, kwargs in launches]
+
+
 def record_launches(loss, weighting, ce, dtype_name, vocab, rows=8192, split_rows=16, programs=8):
     """Run the launchers on meta tensors; return [(role, JITFunction, grid, args, kwargs)]."""
     import torch
+
+    if loss == "topk":
+        return _record_topk_launches(ce, getattr(torch, dtype_name), vocab, rows)
 
     from csd_kernels.kernels import stats as st
     from csd_kernels.kernels import triton_backend as tb
@@ -186,9 +223,11 @@ def parse_sass(text):
     return instructions, labels
 
 
-def hot_path(instructions, labels):
+def hot_path(instructions, labels, marker=None):
     """(loop body on its hot path, everything else): the innermost backward branch's range, without
-    the ranges that forward branches inside it jump over."""
+    the ranges that forward branches inside it jump over. `marker`: only loops containing an instruction
+    with that opcode count most (the top-k forward: DADD, its fp64 sum pass rather than the exact pass or the loops over the ids); the
+    other loops' bodies are then left out of "everything else" (paths for rare rows)."""
     body = []
     loops = []
     for address, text in instructions:
@@ -196,8 +235,15 @@ def hot_path(instructions, labels):
         # a backward branch closes a loop (not the `BRA self` trap after the last EXIT)
         if branch and labels.get(branch.group(1), address) < address:
             loops.append((labels[branch.group(1)], address))
+    others = []
+    pick = lambda r: r[1] - r[0]  # noqa: E731 (the innermost loop)
+    if marker is not None:
+        count = lambda lo, hi: sum(lo <= a <= hi and marker in t for a, t in instructions)  # noqa: E731
+        best = max(loops, key=lambda r: count(*r))
+        others = [loop for loop in loops if loop != best]
+        loops, pick = [best], lambda r: 0
     if loops:
-        start, stop = min(loops, key=lambda r: r[1] - r[0])
+        start, stop = min(loops, key=pick)
         skipped = []
         for address, text in instructions:
             branch = _BRANCH.search(text)
@@ -206,7 +252,8 @@ def hot_path(instructions, labels):
         for address, text in instructions:
             if start <= address <= stop and not any(a < address < b for a, b in skipped):
                 body.append(text)
-    rest = [text for address, text in instructions if not (loops and start <= address <= stop)]
+    rest = [text for address, text in instructions if not (loops and start <= address <= stop)
+            and not any(lo <= address <= hi for lo, hi in others)]
     return [x for x in body if not x.startswith("NOP")], [x for x in rest if not x.startswith("NOP")]
 
 
@@ -262,7 +309,8 @@ def analyse(meta):
         text = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
         usage = resources(path)
     instructions, labels = parse_sass(text)
-    body, rest = hot_path(instructions, labels)
+    topk = meta["loss"] == "topk"
+    body, rest = hot_path(instructions, labels, marker="DADD" if topk and kind == "forward" else None)
     warps = options.num_warps
     block = kwargs.get("BLOCK", kwargs.get("BLOCK_P", 1))
     vocab = meta["vocab"]
@@ -282,7 +330,8 @@ def analyse(meta):
         bars = sum("BAR" in x for x in rest) / block
     hot = body or rest
     itemsize = 2 if meta["dtype"] == "bfloat16" else 4
-    bytes_per_elem = (3 if kind == "backward" else 2) * itemsize
+    # Arrays streamed per element: dense s, t (+ the gradient); top-k s (+ the gradient).
+    bytes_per_elem = ((1 if topk else 2) + (kind == "backward")) * itemsize
     gpu = GPUS[meta["gpu"]]
     bound = gpu["sms"] * gpu["schedulers"] * gpu["clock_ghz"] * 1e9 / per_elem * bytes_per_elem / 1e12
     shared = max(usage.get("SHARED", 0), int(getattr(binary.metadata, "shared", 0) or 0))
@@ -311,7 +360,7 @@ def _commit():
 
 
 QUICK = {("csd", "ss", 0), ("csd", "ts", 0), ("csd", "uu", 0), ("csd", "mix", 0), ("csd", "ss", 1),
-         ("csd", "ts", 1), ("kl-forward", "st", 0)}
+         ("csd", "ts", 1), ("kl-forward", "st", 0), ("topk", "-", 0)}
 
 
 def jobs(arch="sm_90", gpu="H200", dtypes=("bfloat16", "float32"), vocabs=(32000, 50257), quick=False):
@@ -323,9 +372,11 @@ def jobs(arch="sm_90", gpu="H200", dtypes=("bfloat16", "float32"), vocabs=(32000
             for loss, weighting, ce in variants():
                 if quick and (loss, weighting, ce) not in QUICK:
                     continue
-                if vocab % 8 and (ce or weighting not in ("ss", "ts")):
+                if vocab % 8 and (ce or weighting not in ("ss", "ts", "-")):
                     continue  # the misaligned rows: a few variants are enough to show the load width
                 for kind in kinds:
+                    if loss == "topk" and kind not in ("forward", "backward"):
+                        continue
                     out.append(dict(kind=kind, loss=loss, weighting=weighting, ce=ce, dtype=dtype, vocab=vocab,
                                     arch=arch, gpu=gpu))
     return out

@@ -24,6 +24,8 @@ FLOORS = {
     ("backward", "csd", "ss", 0): 6.2, ("backward", "csd", "ts", 0): 5.3, ("backward", "csd", "uu", 0): 6.9,
     ("backward", "csd", "mix", 0): 4.9, ("backward", "csd", "ss", 1): 4.5, ("backward", "csd", "ts", 1): 3.6,
     ("backward", "kl-forward", "-", 0): 7.1,
+    # the top-k student pass: 2 B per element forward, 4 B backward (no target set; the copy bandwidth is 4.3)
+    ("forward", "topk", "-", 0): 5.5, ("backward", "topk", "-", 0): 7.8,
 }
 
 
@@ -78,7 +80,7 @@ def test_issue_bound_does_not_regress(model_rows):
                                         "(block-wide reductions in the loop); the targets are not met yet")
 def test_issue_bound_meets_the_targets(model_rows):
     low = [f"{_key(r)}: {r['issue_bound_tbps']} < {r['target_tbps']}" for r in model_rows
-           if r["vocab"] == "32000" and float(r["issue_bound_tbps"]) < float(r["target_tbps"])]
+           if r["vocab"] == "32000" and r["target_tbps"] and float(r["issue_bound_tbps"]) < float(r["target_tbps"])]
     assert not low, low
 
 

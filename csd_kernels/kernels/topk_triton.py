@@ -8,23 +8,26 @@ the dense kernels on the (N, K' + 1) coarsened rows; only these two passes touch
     forward   grid (N,): gathers s[id_k], then streams the row once and returns s'_tail. Reads 2 B per
               element in bf16 (nothing with tail=False and no cross-entropy: K loads per row).
     backward  grid (N, cdiv(V, BLOCK)): writes coef * exp(s_j - s'_tail) (+ the cross-entropy's label
-              term) on the block, then, after a barrier, the support entries' own gradients over it.
-              Reads 2 B and writes 2 B per element in bf16: with the forward, 6 B against dense CSD's 10.
+              term) on the block; then `_topk_support_kernel` (grid (N,)) overwrites the support entries
+              with their own gradients. Reads 2 B and writes 2 B per element in bf16: with the forward,
+              6 B against dense CSD's 10.
 
 The tail without a membership test. Testing each element against K ids would cost K compares per
 element. Instead the pass sums every entry and the support is subtracted:
 
     Z = sum_j exp(s_j - r),   s'_tail = r + log(Z - sum_k exp(s_k - r))
 
-with a fixed per-row reference r = max_k s[id_k] (no online rescaling), each term rounded to fp32 by
-one formula (`_term`) and accumulated in fp64. The support's terms are then bitwise the terms the loop
-added, so the subtraction removes them exactly and what remains is the fp32-rounded tail terms plus
-fp64 summation error, ~V * 2^-53 * Z. Three cases leave this path:
-- the row's maximum exceeds r by more than OVERFLOW_MARGIN (a term could overflow fp32, or there is no
-  finite support logit): the pass is redone with r = that maximum;
-- the tail holds under CANCEL of Z (the subtraction could lose digits; also an empty tail, K = V, or
-  every off-support entry -inf): the exact pass recomputes it with per-element membership tests over
-  the K ids (slow, and only for such rows: a student with < 2^-24 of its mass off the support).
+with a fixed per-row reference r = max_k s[id_k] (no running maximum, no rescaling), each term rounded to
+fp32 by one formula (`_term`) and accumulated in fp64. The support's terms are then bitwise the terms
+the loop added, so the subtraction removes them exactly, and what remains is the fp32-rounded tail terms
+plus fp64 summation error, about V * 2^-53 * Z. Per element: one exp2, one fp32 -> fp64 conversion and
+one fp64 add (Hopper converts 16 values per clock per SM: at 2 B per element that pipe alone allows
+about 8 TB/s). Rows where the tail holds under CANCEL of Z take the exact pass instead, which tests
+each element against the K ids (slow, and only for such rows):
+- a student with less than 2^-24 of its mass off the support (the subtraction could lose digits);
+- an empty tail (K = V, or every off-support entry -inf);
+- a logit more than ~88 above the support's maximum (its fp32 term overflows: Z is inf), or a NaN
+  logit on the support (the subtraction gives NaN).
 
 One program per row: the launcher does not split rows (a top-k batch has many rows).
 """
@@ -41,8 +44,6 @@ from .triton_backend import LOG2E, _per_row, _row_base, _rows, block_config
 
 NEG_INF = tl.constexpr(float("-inf"))
 NAN = tl.constexpr(float("nan"))
-# exp(64) * 2^18 entries stays far below fp32's maximum, so the fp32 terms and their fp32 sum are finite.
-OVERFLOW_MARGIN = tl.constexpr(64.0)
 CANCEL = tl.constexpr(2.0**-24)
 MAX_K_BLOCK = 1024  # ids handled per step: K larger than this loops over chunks of the ids
 
@@ -58,15 +59,12 @@ def _term(x, r):
 
 @triton.jit
 def _sum_pass(s_row, V, r, BLOCK: tl.constexpr):
-    # Per-lane fp64 sums and fp32 maxima: no cross-thread reduction inside the loop.
+    # Per-lane fp64 sums: no cross-thread reduction inside the loop.
     z = tl.zeros([BLOCK], dtype=tl.float64)
-    m = tl.full([BLOCK], NEG_INF, dtype=tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(s_row + cols, mask=cols < V, other=NEG_INF).to(tl.float32)
-        m = tl.maximum(m, x)
-        z += _term(x, r)
-    return tl.sum(z, axis=0), tl.max(m, axis=0)
+        z += _term(tl.load(s_row + cols, mask=cols < V, other=NEG_INF).to(tl.float32), r)
+    return tl.sum(z, axis=0)
 
 
 @triton.jit
@@ -114,11 +112,8 @@ def _topk_fwd_kernel(
     if STREAM:
         tail = tl.full([], NEG_INF, dtype=tl.float32)
         if tl.load(active_ptr + row):
-            r = tl.where((r > NEG_INF) & (r < float("inf")), r, 0.0)
-            z, m = _sum_pass(s_row, V, r, BLOCK)
-            if m - r > OVERFLOW_MARGIN:
-                r = m
-                z, m = _sum_pass(s_row, V, r, BLOCK)
+            r = tl.where((r > NEG_INF) & (r < float("inf")), r, 0.0)  # no finite support logit: any r
+            z = _sum_pass(s_row, V, r, BLOCK)
             z_support = tl.zeros([], dtype=tl.float64)
             for k0 in range(0, K, K_BLOCK):
                 kk = k0 + tl.arange(0, K_BLOCK)
@@ -128,16 +123,16 @@ def _topk_fwd_kernel(
             z_tail = z - z_support
             if z_tail > z * CANCEL:
                 tail = r + tl.log(z_tail.to(tl.float32))
-            else:  # also NaN: a NaN logit on the support makes z_support NaN; the exact pass skips it
+            else:  # also inf and NaN (the docstring's cases)
                 tail = _exact_tail(s_row, ids_row, V, K, BLOCK)
         tl.store(tail_ptr + row, tail)
 
 
 @triton.jit
 def _topk_bwd_kernel(
-    s_ptr, g_ptr, ids_ptr, active_ptr, labels_ptr, tail_ptr, coef_ptr, values_ptr, label_grad_ptr,
-    V, K, L1, s_so, s_si, g_so, g_si,
-    BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, STREAM: tl.constexpr, CE: tl.constexpr,
+    s_ptr, g_ptr, active_ptr, labels_ptr, tail_ptr, coef_ptr, label_grad_ptr,
+    V, L1, s_so, s_si, g_so, g_si,
+    BLOCK: tl.constexpr, STREAM: tl.constexpr, CE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * BLOCK
@@ -156,14 +151,18 @@ def _topk_bwd_kernel(
             if CE:
                 g += tl.where(cols == tl.load(labels_ptr + row), tl.load(label_grad_ptr + row), 0.0)
     tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=in_range)
-    if active:
-        # Support entries take their own gradient: overwrite them once every thread's store is done.
-        tl.debug_barrier()
-        stop = tl.minimum(start + BLOCK, V)
+
+
+@triton.jit
+def _topk_support_kernel(g_ptr, ids_ptr, active_ptr, values_ptr, V, K, L1, g_so, g_si, K_BLOCK: tl.constexpr):
+    # Launched after _topk_bwd_kernel (stream order): the support entries take their own gradient.
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(active_ptr + row):
+        g_row = _row_base(g_ptr, row, L1, g_so, g_si)
         for k0 in range(0, K, K_BLOCK):
             kk = k0 + tl.arange(0, K_BLOCK)
             ids = tl.load(ids_ptr + row * K + kk, mask=kk < K, other=-1)
-            here = (ids >= start) & (ids < stop)
+            here = (ids >= 0) & (ids < V)
             values = tl.load(values_ptr + row * K + kk, mask=here, other=0.0)
             tl.store(g_row + ids, values.to(g_ptr.dtype.element_ty), mask=here)
 
@@ -207,11 +206,13 @@ def student_backward(student: torch.Tensor, ids: torch.Tensor, active: torch.Ten
     ce = label_grad is not None
     block, num_warps = block_config(vocab)
     _topk_bwd_kernel[(n_rows, triton.cdiv(vocab, block))](
-        s, g, ids, active, _per_row(labels, n_rows) if ce else active, tail.contiguous(),
-        coef.contiguous(), values.contiguous(), label_grad.contiguous() if ce else coef,
-        vocab, k, l1, s_so, s_si, g_so, g_si,
-        BLOCK=block, K_BLOCK=_k_block(k), STREAM=stream, CE=ce, num_warps=num_warps,
+        s, g, active, _per_row(labels, n_rows) if ce else active, tail.contiguous(), coef.contiguous(),
+        label_grad.contiguous() if ce else coef,
+        vocab, l1, s_so, s_si, g_so, g_si,
+        BLOCK=block, STREAM=stream, CE=ce, num_warps=num_warps,
     )
+    _topk_support_kernel[(n_rows,)](g, ids, active, values.contiguous(), vocab, k, l1, g_so, g_si,
+                                    K_BLOCK=_k_block(k), num_warps=4)
     if g is not out:
         out.copy_(g)
     return out

@@ -356,3 +356,72 @@ def test_validate_ids():
     padded_twice = ids.clone()
     padded_twice[0, 0, :3] = -1  # repeated padding is not a duplicate
     topk_csd_loss(student, padded_twice, logprobs, validate_ids=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# operators: opcheck, torch.compile, no host sync
+# ----------------------------------------------------------------------------------------------------
+def _op_args(backend, labels=True):
+    student = _student(lead=(5,))
+    ids, logprobs = _teacher(student, 6)
+    ids = ids.to(torch.int32)
+    ids[1, 2] = -1
+    active = torch.tensor([True, True, False, True, True], device=DEVICE)
+    row_labels = torch.randint(0, VOCAB, (5,), device=DEVICE) if labels else None
+    return student.requires_grad_(True), ids, active, row_labels
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_opcheck_topk_ops(backend, stream):
+    from csd_kernels.ops import topk_student, topk_student_backward
+
+    student, ids, active, labels = _op_args(backend)
+    torch.library.opcheck(topk_student, (student, ids, active, labels, stream, backend))
+    support, tail, lse, _ = (x.detach() for x in topk_student(student, ids, active, labels, stream, backend))
+    grads = [torch.randn_like(x) for x in (support, tail, lse, tail)]
+    torch.library.opcheck(topk_student_backward, (student.detach(), ids, active, labels, support, tail, lse,
+                                                  *grads, stream, backend))
+
+
+@pytest.mark.slow
+def test_compiled_topk_step_matches_eager(backend):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(s, ids, logprobs, labels):
+        s = torch.tanh(s) * 4.0
+        return (topk_csd_loss(s, ids, logprobs, labels=labels, ce_weight=0.2, weighting="ts", backend=backend)
+                + topk_kl_loss(s, ids, logprobs, tail=False, backend=backend))
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    frames = []
+    for seq in (5, 8, 11):
+        student = _student(lead=(2, seq))
+        ids, logprobs = _teacher(student, 8)
+        labels = torch.randint(0, VOCAB, (2, seq), device=DEVICE)
+        s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+        eager = step(s1, ids, logprobs, labels)
+        eager.backward()
+        got = compiled(s2, ids, logprobs, labels)
+        got.backward()
+        assert_close(got, eager, name="compiled loss")
+        assert_close(s2.grad, s1.grad, name="compiled gradient")
+        frames.append(counter.frame_count)
+    assert frames[0] > 0 and frames[-1] == frames[0], f"graphs compiled after each length: {frames}"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_host_sync(backend, monkeypatch, reduction):
+    from test_compile import forbid_host_sync
+
+    student = _student().requires_grad_(True)
+    ids, logprobs = _teacher(student, 8, pattern="padded")
+    labels = _labels()
+    upstream = torch.ones(LEAD, device=DEVICE) if reduction == "none" else None
+    with forbid_host_sync(monkeypatch):
+        loss = topk_csd_loss(student, ids.to(torch.int32), logprobs, labels=labels, ce_weight=0.3,
+                             reduction=reduction, num_items_in_batch=torch.tensor(5, device=DEVICE), backend=backend)
+        loss.backward(upstream)
+        topk_kl_loss(student, ids, logprobs, kind="reverse", reduction=reduction, backend=backend).backward(upstream)

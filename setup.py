@@ -19,6 +19,6 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],
-        "hf": ["transformers>=4.57", "accelerate>=0.26"],
+        "hf": ["transformers>=4.57", "accelerate>=0.26", "datasets>=2.14"],
     },
 )

@@ -31,12 +31,17 @@ def _resident_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _inputs(rows, vocab, hidden, dtype, linear):
+def _inputs(rows, vocab, hidden, dtype, linear, topk=None):
     import torch
+
+    from benchmarks.providers import topk_inputs
 
     if not linear:
         student = torch.empty(rows, vocab, dtype=dtype).normal_().requires_grad_(True)
-        return (student, torch.empty(rows, vocab, dtype=dtype).normal_()), [student]
+        teacher = torch.empty(rows, vocab, dtype=dtype).normal_()
+        if topk:  # the cache exists before the measurement, like the logits
+            return topk_inputs(student, teacher, min(topk, vocab)), [student]
+        return (student, teacher), [student]
     h = torch.empty(rows, hidden, dtype=dtype).normal_().requires_grad_(True)
     w = (torch.empty(vocab, hidden, dtype=dtype).normal_() * hidden**-0.5).requires_grad_(True)
     return (h, w, torch.empty(rows, vocab, dtype=dtype).normal_()), [h, w]
@@ -45,7 +50,7 @@ def _inputs(rows, vocab, hidden, dtype, linear):
 def _measure(provider: str, rows: int, vocab: int, dtype_name: str, hidden: int = 0) -> dict:
     import torch
 
-    from benchmarks.providers import LINEAR_PROVIDERS, PROVIDERS
+    from benchmarks.providers import LINEAR_PROVIDERS, PROVIDERS, topk_size
 
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
@@ -53,9 +58,10 @@ def _measure(provider: str, rows: int, vocab: int, dtype_name: str, hidden: int 
     fn = LINEAR_PROVIDERS[provider] if linear else PROVIDERS[provider].make()
     # Warm up on a tiny input first: lazy imports, autograd's worker threads and the thread pools
     # allocate once per process, and that is not the loss's memory.
-    tiny, _ = _inputs(2, 64, 8, dtype, linear)
+    k = topk_size(provider)
+    tiny, _ = _inputs(2, 64, 8, dtype, linear, k)
     fn(*tiny).backward()
-    inputs, leaves = _inputs(rows, vocab, hidden, dtype, linear)
+    inputs, leaves = _inputs(rows, vocab, hidden, dtype, linear, k)
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     before = _resident_bytes("VmRSS")

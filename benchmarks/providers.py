@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -102,6 +103,27 @@ def _kl(kind):
     return lambda: functools.partial(csd_kernels.kl_loss, kind=kind)
 
 
+# Top-k providers ("topk<K>-..."): their inputs are (student, teacher_ids, teacher_logprobs), the cache
+# built from the teacher's logits before anything is timed or measured (`topk_inputs`).
+_TOPK_NAME = re.compile(r"^topk(\d+)-")
+
+
+def topk_size(name: str) -> Optional[int]:
+    """K of a top-k provider's teacher cache, None for the dense providers."""
+    match = _TOPK_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def topk_inputs(student, teacher, k):
+    """(student, ids int32, logprobs float32): the cache format of the README."""
+    ids, logprobs = csd_kernels.teacher_topk(teacher, k)
+    return student, ids.to(torch.int32), logprobs
+
+
+def _topk(loss, **keywords):
+    return lambda: functools.partial(loss, **keywords)
+
+
 PROVIDERS = {
     p.name: p
     for p in [
@@ -124,6 +146,16 @@ PROVIDERS = {
                  gpu_only=True),
         Provider("liger-jsd", "Liger-Kernel JSD, beta=0, fed log_softmax", _liger_jsd, gpu_only=True,
                  requires="liger_kernel"),
+        Provider("topk8-csd-ss", "topk_csd_loss from a K=8 teacher cache (tail bucket)",
+                 _topk(csd_kernels.topk_csd_loss)),
+        Provider("topk64-csd-ss", "topk_csd_loss from a K=64 teacher cache (tail bucket)",
+                 _topk(csd_kernels.topk_csd_loss)),
+        Provider("topk512-csd-ss", "topk_csd_loss from a K=512 teacher cache (tail bucket)",
+                 _topk(csd_kernels.topk_csd_loss)),
+        Provider("topk64-csd-ss-notail", "topk_csd_loss, K=64, tail=False (the support alone)",
+                 _topk(csd_kernels.topk_csd_loss, tail=False)),
+        Provider("topk64-kl-forward", "topk_kl_loss, K=64, forward KL of the coarsened rows",
+                 _topk(csd_kernels.topk_kl_loss)),
     ]
 }
 

@@ -29,7 +29,7 @@ import torch
 
 import csd_kernels
 
-from .providers import LINEAR_PROVIDERS, PROVIDERS, Provider
+from .providers import LINEAR_PROVIDERS, PROVIDERS, Provider, topk_inputs, topk_size
 
 MODES = ("forward", "backward", "full")
 COLUMNS = ["provider", "mode", "metric", "N", "V", "H", "dtype", "p20", "p50", "p80", "unit", "status",
@@ -110,12 +110,18 @@ def _inputs(case: Case, device: torch.device):
         return (hidden, weight, teacher), leaves
     student = torch.randn(case.n, case.vocab, device=device, dtype=dtype, generator=gen)
     teacher = (student.float() + torch.randn(case.n, case.vocab, device=device, generator=gen)).to(dtype)
+    k = topk_size(case.provider)
+    if k:  # the teacher's cache is built here, outside every timing and memory measurement
+        return topk_inputs(student.requires_grad_(True), teacher, k), [student]
     return (student.requires_grad_(True), teacher), [student]
 
 
-def bytes_per_element(dtype: str, mode: str) -> int:
-    """The traffic floor: forward reads s and t, backward reads both and writes the gradient."""
+def bytes_per_element(dtype: str, mode: str, provider: str = "") -> int:
+    """The traffic floor: forward reads s and t, backward reads both and writes the gradient. A top-k
+    provider has no dense teacher: s forward, s and the gradient backward (its O(K) cache aside)."""
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    if topk_size(provider):
+        return {"forward": 1, "backward": 2, "full": 3}[mode] * size
     return {"forward": 2, "backward": 3, "full": 5}[mode] * size
 
 
@@ -165,7 +171,7 @@ def _gpu_case(case: Case, fn, writer: CsvWriter, copy_bw: float):
         writer.row(case, mode, "time", (p20, p50, p80), "ms")
         if case.hidden:
             continue  # GEMM-bound: compared with the GEMM-only provider, not with bandwidth
-        moved = bytes_per_element(case.dtype, mode) * case.n * case.vocab
+        moved = bytes_per_element(case.dtype, mode, case.provider) * case.n * case.vocab
         writer.row(case, mode, "bandwidth_fraction", tuple(moved / (ms * 1e-3) / copy_bw for ms in (p80, p50, p20)), "of copy")
         writer.row(case, mode, "tokens_per_s", tuple(case.n / (ms * 1e-3) for ms in (p80, p50, p20)), "rows/s")
 

@@ -18,3 +18,30 @@ def test_torch_backend_extra_memory_is_about_the_gradient():
     assert ratio < 1.5, f"torch backend used {ratio:.2f}x its gradient in extra memory: {lean}"
     # The measurement can tell the difference: a naive implementation needs several N x V tensors.
     assert naive["extra_bytes"] > 3 * naive["grad_bytes"], naive
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("provider", ["topk8-csd-ss", "topk64-csd-ss", "topk64-kl-forward"])
+def test_topk_extra_memory_is_about_the_gradient(provider):
+    """No (N, V) temporary besides the gradient, and no teacher logits at all (issue 15)."""
+    rows, vocab = 1024, 32000
+    result = measure(provider, rows, vocab)
+    ratio = result["extra_bytes"] / result["grad_bytes"]
+    assert ratio < 1.25, f"{provider} used {ratio:.2f}x its gradient in extra memory: {result}"
+
+
+def test_topk_benchmark_rows_on_cpu(tmp_path):
+    """The top-k providers run through the suite on CPU: time rows for every mode, no errors."""
+    import csv
+
+    import torch
+
+    from benchmarks import suite
+
+    cases = [suite.Case(p, 16, 512, "float32") for p in ("topk8-csd-ss", "topk64-csd-ss-notail", "topk64-kl-forward")]
+    path = suite.run(cases, str(tmp_path / "results.csv"), torch.device("cpu"), repeats=2, log=lambda *a: None)
+    rows = list(csv.DictReader(open(path)))
+    times = [(r["provider"], r["mode"]) for r in rows if r["metric"] == "time" and r["status"] == "ok"]
+    assert sorted(times) == sorted((c.provider, m) for c in cases for m in ("forward", "backward", "full")), rows
+    assert suite.bytes_per_element("bfloat16", "full", "topk8-csd-ss") == 6  # against dense CSD's 10
+    assert suite.bytes_per_element("bfloat16", "full", "csd-ss") == 10

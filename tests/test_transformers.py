@@ -216,3 +216,103 @@ def test_trainer_rejects_bad_loss_arguments_at_construction(tmp_path):
         _trainer(tmp_path, tiny_gpt2(100), tiny_gpt2(100), temperature=0.0)
     with pytest.raises(ValueError, match="weighting"):
         _trainer(tmp_path, tiny_gpt2(100), tiny_gpt2(100), weighting="xx")
+
+
+# ----------------------------------------------------------------------------------------------------
+# offline top-k distillation (issue 15)
+# ----------------------------------------------------------------------------------------------------
+def _token_dataset(n=8, vocab=100, lengths=(12, 12), seed=0):
+    datasets = pytest.importorskip("datasets")
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=g)
+    ids = [torch.randint(0, vocab, (int(size),), generator=g).tolist() for size in sizes]
+    labels = [[-100] * 2 + row[2:] for row in ids]  # a prompt of two tokens that does not count
+    return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids],
+                                       "labels": labels})
+
+
+def _topk_trainer(tmp_path, student, dataset, collator=None, max_steps=3, **loss_kwargs):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    return CSDTrainer(model=student, args=args, train_dataset=dataset, teacher_model=None, backend="torch",
+                      data_collator=collator, **loss_kwargs)
+
+
+def test_add_teacher_topk_matches_teacher_topk():
+    from csd_kernels import teacher_topk
+    from csd_kernels.integrations.transformers import add_teacher_topk
+
+    teacher = tiny_gpt2(100, seed=1)
+    data = add_teacher_topk(_token_dataset(n=5, lengths=(6, 11)), teacher, 8, batch_size=2,
+                            logprobs_dtype="float32")
+    assert data.features["teacher_ids"].feature.feature.dtype == "int32"
+    for row in data:
+        with torch.no_grad():
+            logits = teacher(input_ids=torch.tensor([row["input_ids"]])).logits
+        ids, logprobs = teacher_topk(logits[0], 8)
+        assert torch.equal(torch.tensor(row["teacher_ids"]), ids)  # right padding changed nothing
+        assert_close(torch.tensor(row["teacher_logprobs"]), logprobs, name="cached logprobs")
+    half = add_teacher_topk(_token_dataset(n=2), teacher, 4)  # the default storage: float16
+    assert half.features["teacher_logprobs"].feature.feature.dtype == "float16"
+    with pytest.raises(ValueError, match="logprobs_dtype must be one of"):
+        add_teacher_topk(_token_dataset(n=2), teacher, 4, logprobs_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"k must lie in \[1, V\] = \[1, 100\]"):
+        add_teacher_topk(_token_dataset(n=2), teacher, 101)
+
+
+def test_offline_trainer_with_the_full_distribution_matches_the_online_one(tmp_path):
+    """K = V, no tail, float32 cache: the coarsened rows are the whole vocabulary, and log-probabilities
+    differ from logits by a per-row constant, so offline training equals online training step by step."""
+    from csd_kernels.integrations.transformers import add_teacher_topk
+
+    teacher = tiny_gpt2(100, seed=1)
+    data = _token_dataset()
+    cached = add_teacher_topk(data, teacher, 100, logprobs_dtype="float32")
+    histories = []
+    for dataset, teacher_model in ((data, teacher), (cached, None)):
+        student = tiny_gpt2(100)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+            disable_tqdm=True, seed=0, dataloader_num_workers=0)
+        trainer = CSDTrainer(model=student, args=args, train_dataset=dataset, teacher_model=teacher_model,
+                             backend="torch", weighting="ts", ce_weight=0.3, tail=False)
+        trainer.train()
+        histories.append(torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h]))
+    assert_close(histories[1], histories[0], name="offline loss history")
+
+
+def test_offline_trainer_trains_from_cached_columns(tmp_path):
+    from csd_kernels.integrations.transformers import TopKDataCollator, add_teacher_topk
+
+    teacher = tiny_gpt2(100, seed=1)
+    cached = add_teacher_topk(_token_dataset(lengths=(7, 12)), teacher, 8)  # variable lengths, float16
+    del teacher  # not needed any more
+    student = tiny_gpt2(100)
+    before = [p.detach().clone() for p in student.parameters()]
+    trainer = _topk_trainer(tmp_path, student, cached, collator=TopKDataCollator(), weighting="ts", ce_weight=0.3)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters())), "no parameter moved"
+    logged = [h for h in trainer.state.log_history if "csd" in h]
+    assert logged and all(h["csd"] > 0 and h["ce"] > 0 for h in logged)
+
+
+def test_offline_trainer_loss_is_the_topk_loss(tmp_path):
+    """compute_loss on one collated batch: causal_lm_topk_csd_loss with num_items_in_batch."""
+    from csd_kernels import topk_csd_loss
+    from csd_kernels.integrations.transformers import TopKDataCollator, add_teacher_topk
+
+    cached = add_teacher_topk(_token_dataset(n=3, lengths=(6, 10)), tiny_gpt2(100, seed=1), 5)
+    student = tiny_gpt2(100)
+    trainer = _topk_trainer(tmp_path, student, cached, collator=TopKDataCollator(), ce_weight=0.5)
+    batch = TopKDataCollator()([cached[i] for i in range(3)])
+    got = trainer.compute_loss(student, dict(batch), num_items_in_batch=torch.tensor(11))
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = topk_csd_loss(logits[:, :-1], batch["teacher_ids"][:, :-1], batch["teacher_logprobs"][:, :-1],
+                         labels=batch["labels"][:, 1:], reduction="sum", ce_weight=0.5, backend="torch") / 11
+    assert_close(got, want, name="offline loss")
+    with pytest.raises(ValueError, match="which this batch lacks"):
+        trainer.compute_loss(student, {k: batch[k] for k in ("input_ids", "labels")})

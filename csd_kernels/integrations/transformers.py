@@ -1,6 +1,12 @@
-"""transformers integration: `CSDTrainer` and the `causal_lm_csd_loss` helper for custom loops.
+"""transformers integration: `CSDTrainer`, the `causal_lm_csd_loss` / `causal_lm_topk_csd_loss` helpers
+for custom loops, and offline top-k distillation (`add_teacher_topk`, `TopKDataCollator`).
 
     pip install -e ".[hf]"
+
+Offline distillation is two calls: cache the teacher's top-k once, then train without it:
+
+    data = add_teacher_topk(data, teacher, k=32)            # adds teacher_ids, teacher_logprobs
+    CSDTrainer(model=student, args=args, train_dataset=data, teacher_model=None).train()
 
 Importing `csd_kernels` never imports transformers; importing this module does.
 """
@@ -8,13 +14,19 @@ Importing `csd_kernels` never imports transformers; importing this module does.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
 import torch
 from transformers import Trainer
 from transformers import __version__ as transformers_version
 
+from ..contract import check_flag
 from ..loss import CSDLoss, csd_loss
+from ..topk import teacher_topk, topk_csd_loss
+
+# The dataset columns of a top-k teacher, aligned with input_ids as logits are: (L, K) per sequence.
+TOPK_COLUMNS = ("teacher_ids", "teacher_logprobs")
 
 _MISSING = object()
 _LOSS_KEYWORDS = ("weighting", "temperature", "teacher_temperature", "ce_weight", "csd_weight", "backend",
@@ -45,6 +57,20 @@ def causal_lm_csd_loss(student_outputs_or_logits, teacher_logits, labels: torch.
                     **csd_loss_keywords)
 
 
+def causal_lm_topk_csd_loss(student_outputs_or_logits, teacher_ids, teacher_logprobs, labels: torch.Tensor, *,
+                            num_items_in_batch=None, return_components: bool = False, **topk_keywords):
+    """`topk_csd_loss` for next-token prediction: `causal_lm_csd_loss` with a top-k teacher.
+
+    teacher_ids, teacher_logprobs: (B, L, K), aligned with the inputs as the teacher's logits would be
+    (position i holds the teacher's top-k for token i + 1); ids index the student's vocabulary.
+    **topk_keywords: tail, weighting, temperature, ce_weight, ... of `topk_csd_loss`.
+    """
+    logits = getattr(student_outputs_or_logits, "logits", student_outputs_or_logits)
+    return topk_csd_loss(logits[:, :-1], teacher_ids[:, :-1], teacher_logprobs[:, :-1], labels=labels[:, 1:],
+                         num_items_in_batch=num_items_in_batch, return_components=return_components,
+                         **topk_keywords)
+
+
 class CSDTrainer(Trainer):
     """A `transformers.Trainer` that distils a frozen teacher into the model with CSD.
 
@@ -54,27 +80,36 @@ class CSDTrainer(Trainer):
     batch, so gradient accumulation and multi-device token averaging give the same update as one big
     batch. The CSD and cross-entropy components are logged as `csd` and `ce`.
 
+    Offline (teacher_model=None): every batch carries the teacher's cached top-k as `teacher_ids` and
+    `teacher_logprobs` columns (`add_teacher_topk`), no teacher runs, and the loss is
+    `causal_lm_topk_csd_loss` (pad variable-length batches with `TopKDataCollator`).
+
     Args:
-        teacher_model: the teacher, moved to the student's device, put in eval mode and frozen.
+        teacher_model: the teacher, moved to the student's device, put in eval mode and frozen; None to
+            train from the dataset's top-k columns.
         weighting, temperature, teacher_temperature, ce_weight, csd_weight, backend: as in `csd_loss`.
+        tail: offline only, `topk_csd_loss`'s tail bucket.
         Everything else goes to `transformers.Trainer`.
     """
 
-    def __init__(self, *args, teacher_model: torch.nn.Module, weighting="ss", temperature: float = 1.0,
+    def __init__(self, *args, teacher_model: Optional[torch.nn.Module], weighting="ss", temperature: float = 1.0,
                  teacher_temperature: float = 1.0, ce_weight: float = 0.0, csd_weight: float = 1.0,
-                 backend: str = "auto", **kwargs):
+                 backend: str = "auto", tail: bool = True, **kwargs):
         if not hasattr(Trainer, "_get_num_items_in_batch"):
             raise ImportError("CSDTrainer needs transformers >= 4.57 (Trainer._get_num_items_in_batch), "
                               f"found {transformers_version}")
-        if not isinstance(teacher_model, torch.nn.Module):
-            raise TypeError(f"teacher_model must be a torch.nn.Module, got {type(teacher_model).__name__}")
+        if teacher_model is not None and not isinstance(teacher_model, torch.nn.Module):
+            raise TypeError(f"teacher_model must be a torch.nn.Module or None, got {type(teacher_model).__name__}")
+        check_flag("tail", tail)
         # Every loss argument is checked now, not at the first training step.
         CSDLoss(weighting=weighting, temperature=temperature, teacher_temperature=teacher_temperature,
                 ce_weight=ce_weight, csd_weight=csd_weight, backend=backend)
         super().__init__(*args, **kwargs)
         self.teacher_model = teacher_model
-        self.teacher_model.eval()
-        self.teacher_model.requires_grad_(False)
+        if teacher_model is not None:
+            self.teacher_model.eval()
+            self.teacher_model.requires_grad_(False)
+        self.tail = tail
         self.csd_loss_kwargs: Dict[str, Any] = dict(
             weighting=weighting, temperature=temperature, teacher_temperature=teacher_temperature,
             ce_weight=ce_weight, csd_weight=csd_weight, backend=backend)
@@ -82,6 +117,11 @@ class CSDTrainer(Trainer):
         # shifted labels, for causal LMs) and not divide the loss again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
         self._component_sums = {"csd": 0.0, "ce": 0.0, "count": 0}
+
+    def _set_signature_columns_if_needed(self):
+        # Trainer drops the dataset columns the model's forward does not take: keep the teacher's.
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [c for c in TOPK_COLUMNS if c not in self._signature_columns]
 
     def _get_num_items_in_batch(self, batch_samples, device):
         """Trainer's token count, taken over the positions this loss sums: the shifted labels.
@@ -111,11 +151,31 @@ class CSDTrainer(Trainer):
         with torch.no_grad():
             return self.teacher_model(**inputs).logits
 
+    def _topk_loss(self, outputs, cached, labels, shift_labels, num_items_in_batch):
+        if any(c not in cached for c in TOPK_COLUMNS):
+            raise ValueError(f"CSDTrainer(teacher_model=None) trains from the dataset's {TOPK_COLUMNS} columns, "
+                             f"which this batch lacks (add them with add_teacher_topk)")
+        ids, logprobs = (cached[c].to(outputs.logits.device) for c in TOPK_COLUMNS)
+        keywords = dict(self.csd_loss_kwargs, tail=self.tail, num_items_in_batch=num_items_in_batch,
+                        return_components=True)
+        if shift_labels is None:
+            return causal_lm_topk_csd_loss(outputs, ids, logprobs, labels, **keywords)
+        return topk_csd_loss(outputs.logits, ids, logprobs, labels=shift_labels, **keywords)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         shift_labels = inputs.pop("shift_labels", None)  # padding-free collators shift for us
+        cached = {c: inputs.pop(c) for c in TOPK_COLUMNS if c in inputs}
         outputs = model(**inputs)
+        if self.teacher_model is None:
+            loss, csd, ce = self._topk_loss(outputs, cached, labels, shift_labels, num_items_in_batch)
+        else:
+            loss, csd, ce = self._dense_loss(outputs, inputs, labels, shift_labels, num_items_in_batch)
+        loss, csd, ce = self._scale_and_record(model, loss, csd, ce, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _dense_loss(self, outputs, inputs, labels, shift_labels, num_items_in_batch):
         teacher_logits = self._teacher_logits(inputs, outputs.logits.device)
         if shift_labels is None:
             loss, csd, ce = causal_lm_csd_loss(outputs, teacher_logits, labels,
@@ -126,6 +186,9 @@ class CSDTrainer(Trainer):
             loss, csd, ce = csd_loss(outputs.logits[..., :vocab], teacher_logits, labels=shift_labels,
                                      num_items_in_batch=num_items_in_batch, return_components=True,
                                      **self.csd_loss_kwargs)
+        return loss, csd, ce
+
+    def _scale_and_record(self, model, loss, csd, ce, num_items_in_batch):
         if (getattr(self.args, "average_tokens_across_devices", False) and num_items_in_batch is not None
                 and self.accelerator.num_processes > 1):
             # As Trainer.compute_loss: the gradients are averaged over processes, while num_items_in_batch
@@ -138,7 +201,7 @@ class CSDTrainer(Trainer):
             sums["csd"] = sums["csd"] + csd.detach()  # tensors: no host sync until logging
             sums["ce"] = sums["ce"] + ce.detach()
             sums["count"] += 1
-        return (loss, outputs) if return_outputs else loss
+        return loss, csd, ce
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
         sums = self._component_sums
@@ -150,3 +213,85 @@ class CSDTrainer(Trainer):
             logs["ce"] = round(float(sums["ce"]) / steps, 6)
             self._component_sums = {"csd": 0.0, "ce": 0.0, "count": 0}
         super().log(logs, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Offline top-k distillation: the teacher's cache as dataset columns
+# ----------------------------------------------------------------------------------------------------
+LOGPROB_STORAGE = ("float16", "float32")
+
+
+def add_teacher_topk(dataset, teacher_model: torch.nn.Module, k: int, *, batch_size: int = 16,
+                     temperature: float = 1.0, logprobs_dtype: str = "float16", device=None,
+                     desc: str = "teacher top-k"):
+    """Run the teacher over a `datasets.Dataset` once and add its top-k as two columns.
+
+    Each example's `input_ids` (and `attention_mask`, if present) go through the teacher in batches of
+    `batch_size` (right-padded, which leaves a causal model's real positions unchanged); the new columns,
+    aligned with input_ids as the teacher's logits are, hold (L, K) values per example:
+
+        teacher_ids       int32, the top k ids of each position
+        teacher_logprobs  float16 (default) or float32, log_softmax(logits / temperature) at those ids
+
+    float16 keeps the loss within about 1e-4 relative of float32 storage at half the bytes; bfloat16 is
+    not offered (about 8x the error: README, "Top-k teachers"). Shows `datasets`' progress bar.
+    Returns the new dataset (datasets are immutable); train on it with CSDTrainer(teacher_model=None).
+    """
+    import datasets
+
+    from ..contract import check_k
+
+    if logprobs_dtype not in LOGPROB_STORAGE:
+        raise ValueError(f"logprobs_dtype must be one of {LOGPROB_STORAGE}, got {logprobs_dtype!r}")
+    vocab = teacher_model.get_output_embeddings().weight.shape[0] if hasattr(
+        teacher_model, "get_output_embeddings") and teacher_model.get_output_embeddings() is not None else None
+    if vocab is not None:
+        check_k(k, vocab)
+    device = torch.device(device) if device is not None else next(teacher_model.parameters()).device
+    was_training = teacher_model.training
+    teacher_model.eval()
+    store = getattr(torch, logprobs_dtype)
+
+    def cache(batch):
+        rows = [torch.as_tensor(x) for x in batch["input_ids"]]
+        lengths = [len(x) for x in rows]
+        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device)
+        mask = torch.zeros_like(ids)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = torch.as_tensor(batch["attention_mask"][i]) if "attention_mask" in batch else 1
+        with torch.no_grad():
+            logits = teacher_model(input_ids=ids, attention_mask=mask).logits
+            top_ids, top_logprobs = teacher_topk(logits, k, temperature=temperature)
+        top_ids, top_logprobs = top_ids.to(torch.int32).cpu(), top_logprobs.to(store).cpu()
+        return {"teacher_ids": [top_ids[i, :n].numpy() for i, n in enumerate(lengths)],
+                "teacher_logprobs": [top_logprobs[i, :n].numpy() for i, n in enumerate(lengths)]}
+
+    features = dataset.features.copy()
+    features["teacher_ids"] = datasets.Sequence(datasets.Sequence(datasets.Value("int32")))
+    features["teacher_logprobs"] = datasets.Sequence(datasets.Sequence(datasets.Value(logprobs_dtype)))
+    try:
+        return dataset.map(cache, batched=True, batch_size=batch_size, features=features, desc=desc)
+    finally:
+        teacher_model.train(was_training)
+
+
+@dataclass
+class TopKDataCollator:
+    """Pad a list of examples with top-k columns into a batch: input_ids with `pad_token_id`,
+    attention_mask with 0, labels with -100, teacher_ids with -1 and teacher_logprobs with -inf (padding
+    in the sense of `topk_csd_loss`). Examples without labels get labels = input_ids (causal LM)."""
+
+    pad_token_id: int = 0
+
+    def __call__(self, examples: List[Mapping]) -> Dict[str, torch.Tensor]:
+        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100, "teacher_ids": -1,
+                "teacher_logprobs": float("-inf")}
+        examples = [dict(e) for e in examples]
+        for e in examples:
+            e.setdefault("labels", e["input_ids"])
+            e.setdefault("attention_mask", [1] * len(e["input_ids"]))
+        batch = {}
+        for key in examples[0]:
+            values = [torch.as_tensor(e[key]) for e in examples]
+            batch[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=pads.get(key, 0))
+        return batch

@@ -254,8 +254,9 @@ def test_add_teacher_topk_matches_teacher_topk():
         ids, logprobs = teacher_topk(logits[0], 8)
         assert torch.equal(torch.tensor(row["teacher_ids"]), ids)  # right padding changed nothing
         assert_close(torch.tensor(row["teacher_logprobs"]), logprobs, name="cached logprobs")
-    half = add_teacher_topk(_token_dataset(n=2), teacher, 4)  # the default storage: float16
+    half = add_teacher_topk(_token_dataset(n=2), teacher, 4, logprobs_dtype="float16")
     assert half.features["teacher_logprobs"].feature.feature.dtype == "float16"
+    assert add_teacher_topk(_token_dataset(n=2), teacher, 4).features["teacher_logprobs"].feature.feature.dtype == "float32"
     with pytest.raises(ValueError, match="logprobs_dtype must be one of"):
         add_teacher_topk(_token_dataset(n=2), teacher, 4, logprobs_dtype="bfloat16")
     with pytest.raises(ValueError, match=r"k must lie in \[1, V\] = \[1, 100\]"):
@@ -288,7 +289,7 @@ def test_offline_trainer_trains_from_cached_columns(tmp_path):
     from csd_kernels.integrations.transformers import TopKDataCollator, add_teacher_topk
 
     teacher = tiny_gpt2(100, seed=1)
-    cached = add_teacher_topk(_token_dataset(lengths=(7, 12)), teacher, 8)  # variable lengths, float16
+    cached = add_teacher_topk(_token_dataset(lengths=(7, 12)), teacher, 8, logprobs_dtype="float16")  # ragged
     del teacher  # not needed any more
     student = tiny_gpt2(100)
     before = [p.detach().clone() for p in student.parameters()]

@@ -222,7 +222,7 @@ LOGPROB_STORAGE = ("float16", "float32")
 
 
 def add_teacher_topk(dataset, teacher_model: torch.nn.Module, k: int, *, batch_size: int = 16,
-                     temperature: float = 1.0, logprobs_dtype: str = "float16", device=None,
+                     temperature: float = 1.0, logprobs_dtype: str = "float32", device=None,
                      desc: str = "teacher top-k"):
     """Run the teacher over a `datasets.Dataset` once and add its top-k as two columns.
 
@@ -231,10 +231,11 @@ def add_teacher_topk(dataset, teacher_model: torch.nn.Module, k: int, *, batch_s
     aligned with input_ids as the teacher's logits are, hold (L, K) values per example:
 
         teacher_ids       int32, the top k ids of each position
-        teacher_logprobs  float16 (default) or float32, log_softmax(logits / temperature) at those ids
+        teacher_logprobs  float32 (default) or float16, log_softmax(logits / temperature) at those ids
 
-    float16 keeps the loss within about 1e-4 relative of float32 storage at half the bytes; bfloat16 is
-    not offered (about 8x the error: README, "Top-k teachers"). Shows `datasets`' progress bar.
+    Storage (benchmarks/results/topk_storage.csv): float16 logprobs save 2 of 8 bytes per entry and move
+    the loss by about 3e-4 relative (median; at most 2e-3) from float32 storage; bfloat16 would cost
+    about 8x that, so it is not offered. Shows `datasets`' progress bar.
     Returns the new dataset (datasets are immutable); train on it with CSDTrainer(teacher_model=None).
     """
     import datasets

@@ -63,9 +63,21 @@ def measure(rows=256, vocab=32000, ks=(8, 32, 64), seed=0):
     return out
 
 
+def markdown(rows):
+    """README table: K = 32 rows of the CSV."""
+    lines = ["| logprobs stored as | bytes per position (K = 32) | loss | median relative loss error | max | "
+             "gradient error (max, relative) |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if int(r["k"]) == 32:
+            lines.append(f"| {r['dtype']} | {r['bytes_per_position']} | {r['loss']} | {r['median_rel_loss_error']} | "
+                         f"{r['max_rel_loss_error']} | {r['rel_grad_error']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/topk_storage.csv")
+    parser.add_argument("--readme", action="store_true", help="also copy the K = 32 table into README.md")
     args = parser.parse_args(argv)
     rows = measure()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -75,6 +87,11 @@ def main(argv=None):
         writer.writerows(rows)
     for row in rows:
         print(row)
+    if args.readme:
+        from .plots import write_between_markers
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        write_between_markers(os.path.join(root, "README.md"), "topk-storage", markdown(rows))
 
 
 if __name__ == "__main__":

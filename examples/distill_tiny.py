@@ -165,6 +165,16 @@ def plot(curves, teacher_accuracy, best_accuracy, path):
     plt.close(fig)
 
 
+def write_readme_table(name, lines):
+    """Replace README.md's text between <!-- example:NAME --> and <!-- /example:NAME --> with `lines`."""
+    readme = os.path.join(os.path.dirname(HERE), "README.md")
+    begin, end = f"<!-- example:{name} -->", f"<!-- /example:{name} -->"
+    head, rest = open(readme).read().split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(readme, "w") as f:
+        f.write(f"{head}{begin}\n" + "\n".join(lines) + f"\n{end}{tail}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=2000)
@@ -225,12 +235,7 @@ def main(argv=None):
     print("\n".join(lines))
     print(f"wrote {args.out}/distill_tiny.png and distill_tiny.md in {time.time() - start:.0f} s")
     if args.readme:
-        readme = os.path.join(os.path.dirname(HERE), "README.md")
-        begin, end = "<!-- example:distill_tiny -->", "<!-- /example:distill_tiny -->"
-        head, rest = open(readme).read().split(begin, 1)
-        _, tail = rest.split(end, 1)
-        with open(readme, "w") as f:
-            f.write(f"{head}{begin}\n" + "\n".join(lines) + f"\n{end}{tail}")
+        write_readme_table("distill_tiny", lines)
 
 
 if __name__ == "__main__":

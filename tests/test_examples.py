@@ -19,3 +19,15 @@ def test_distill_tiny_runs(tmp_path):
     for method in ("CSD ss", "CSD ts", "forward KL", "cross-entropy"):
         assert f"| {method} |" in table
     assert (tmp_path / "distill_tiny.png").stat().st_size > 10_000
+
+
+def test_distill_topk_runs(tmp_path):
+    import distill_topk
+
+    distill_topk.main(["--vocab", "200", "--teacher-steps", "6", "--steps", "4", "--eval-every", "2",
+                       "--train-sequences", "64", "--held-out-sequences", "16", "--batch-size", "8",
+                       "--seq-len", "12", "--width", "32", "--out", str(tmp_path)])
+    table = (tmp_path / "distill_topk.md").read_text()
+    for method in distill_topk.METHODS:
+        assert f"| {method} |" in table
+    assert (tmp_path / "distill_topk.png").stat().st_size > 10_000

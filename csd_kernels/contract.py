@@ -193,6 +193,21 @@ def check_options(*, temperature=1.0, teacher_temperature=1.0, ignore_index=-100
     return temperature, teacher_temperature
 
 
+def check_logit_postprocessing(scale_name: str, scale, cap_name: str, cap) -> Tuple[float, Optional[float]]:
+    """An output head's (logit_scale, softcap): a finite real multiplier, and None or a finite cap > 0."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{scale_name} must be a Python real number, got {type(scale).__name__}")
+    if not (-math.inf < float(scale) < math.inf):
+        raise ValueError(f"{scale_name} must be finite, got {scale}")
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, numbers.Real):
+            raise TypeError(f"{cap_name} must be None or a Python real number, got {type(cap).__name__}")
+        if not (0.0 < float(cap) < math.inf):
+            raise ValueError(f"{cap_name} must be finite and > 0, got {cap}")
+        cap = float(cap)
+    return float(scale), cap
+
+
 def check_loss_weight(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a Python real number, got {type(value).__name__}")

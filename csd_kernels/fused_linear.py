@@ -13,6 +13,11 @@ grad_weight. For "mean" and "sum" the gradients are computed during the forward 
 forward, two backward) and scaled by the upstream gradient in the backward; reduction="none" needs the
 per-position upstream gradient, so its backward recomputes the logits (one GEMM more).
 
+Output heads that post-process their logits (Cohere's `logit_scale`, Gemma 2's final-logit softcapping)
+are covered: each chunk's logits become softcap * tanh(logit_scale * z / softcap) in place, and the
+kernels' logits gradient is chained through that (dL/dz = logit_scale * (1 - (s / softcap)^2) * dL/ds,
+from the post-processed s itself) before the GEMMs; the teacher's hidden-state logits likewise.
+
 Excluded positions (labels == ignore_index, mask False) are skipped entirely: the valid rows are
 compacted first, which costs one device-to-host synchronisation per call (to learn their number).
 `compact_rows=False` avoids it (for CUDA graphs) at the price of computing the excluded rows' logits.
@@ -32,6 +37,7 @@ from .contract import (
     check_flag,
     check_inputs,
     check_labels_in_range,
+    check_logit_postprocessing,
     check_loss_weight,
     mean_denominator,
     parse_weighting,
@@ -40,7 +46,7 @@ from .contract import (
 
 _CSD_KEYWORDS = {
     "weighting", "temperature", "teacher_temperature", "labels", "ignore_index", "mask", "reduction",
-    "num_items_in_batch", "backend", "ce_weight", "csd_weight", "validate_labels",
+    "num_items_in_batch", "backend", "ce_weight", "csd_weight", "validate_labels", "return_components",
 }
 _MM_OUT_DTYPE = [True]  # whether mm/addmm(..., out_dtype=torch.float32) work for CUDA tensors
 # Rows per chunk: the chunk's fp32 logits (student, teacher) take at most this many bytes.
@@ -61,6 +67,15 @@ def default_chunk_size(n_rows: int, vocab: int, teacher_vocab: int, device: torc
     if rows >= 8:
         rows -= rows % 8
     return max(1, min(rows, n_rows))
+
+
+def _postprocess(logits: torch.Tensor, scale: float, softcap: Optional[float]) -> torch.Tensor:
+    """softcap * tanh(scale * logits / softcap) (no tanh without a softcap), in place on fp32 logits."""
+    if scale != 1.0:
+        logits.mul_(scale)
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
 
 
 def _logits_fp32(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -94,14 +109,18 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
-def _run_chunks(hidden, weight, bias, teacher, rows, active, labels, spec, kernels, chunk_size,
-                grad_rows=None, want_grads=False):
-    """Stream the rows in chunks: per-position losses, and the gradients if `want_grads`.
+def _run_chunks(hidden, weight, bias, post, teacher, rows, active, labels, spec, kernels, chunk_size,
+                grad_rows=None, want_grads=False, components=False):
+    """Stream the rows in chunks: per-position losses (and their (2, N) [CSD, CE] components if asked),
+    and the gradients if `want_grads`.
 
-    `teacher` is ("logits", tensor (N, V_t)) or ("hidden", (hidden, weight, bias)). `grad_rows` is the
-    upstream gradient per position (N,) or a one-element tensor broadcast to every position."""
+    `post` is the student's (logit_scale, softcap); `teacher` is ("logits", tensor (N, V_t)) or
+    ("hidden", (hidden, weight, bias, (logit_scale, softcap))). `grad_rows` is the upstream gradient per
+    position (N,) or a one-element tensor broadcast to every position."""
+    scale, softcap = post
     n_rows = hidden.shape[0]
     row_loss = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+    row_parts = torch.zeros(2, n_rows, dtype=torch.float32, device=hidden.device) if components else None
     grads = None
     if want_grads:
         grads = (
@@ -112,20 +131,28 @@ def _run_chunks(hidden, weight, bias, teacher, rows, active, labels, spec, kerne
     for start in range(0, rows.numel(), chunk_size):
         index = rows[start : start + chunk_size]
         h = hidden.index_select(0, index)
-        s = _logits_fp32(h, weight, bias)
+        s = _postprocess(_logits_fp32(h, weight, bias), scale, softcap)
         if teacher[0] == "logits":
             t = teacher[1].index_select(0, index)
         else:
-            t_hidden, t_weight, t_bias = teacher[1]
-            t = _logits_fp32(t_hidden.index_select(0, index), t_weight, t_bias)
+            t_hidden, t_weight, t_bias, t_post = teacher[1]
+            t = _postprocess(_logits_fp32(t_hidden.index_select(0, index), t_weight, t_bias), *t_post)
         act = active.index_select(0, index)
         lab = labels.index_select(0, index) if spec.has_ce else None
-        total, _, stats = kernels.forward(s, t, act, lab, spec)
+        total, parts, stats = kernels.forward(s, t, act, lab, spec, components)
         row_loss.index_copy_(0, index, total.float())
+        if components:
+            row_parts.index_copy_(1, index, parts.float())
         if not want_grads:
             continue
         upstream = grad_rows.expand(index.numel()) if grad_rows.numel() == 1 else grad_rows.index_select(0, index)
-        g = kernels.backward(s, t, act, lab, stats, upstream, spec, out=s)  # the logits' storage
+        if softcap is None:
+            g = kernels.backward(s, t, act, lab, stats, upstream, spec, out=s)  # the logits' storage
+        else:  # the chain factor needs s: one more chunk-sized buffer
+            g = kernels.backward(s, t, act, lab, stats, upstream, spec)
+            g.mul_(s.div_(softcap).square_().neg_().add_(1.0))
+        if scale != 1.0:
+            g.mul_(scale)
         grad_hidden, grad_weight, grad_bias = grads
         if grad_bias is not None:
             grad_bias += g.sum(0)
@@ -136,49 +163,51 @@ def _run_chunks(hidden, weight, bias, teacher, rows, active, labels, spec, kerne
             g = g.to(weight.dtype)
         grad_hidden.index_copy_(0, index, (g @ weight).to(hidden.dtype))
         _accumulate(grad_weight, g.t(), h)
-    return row_loss, grads
+    return row_loss, grads, row_parts
 
 
 class FusedLinearCSDFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_kind, teacher_parts, active, labels, spec, backend,
-                chunk_size, reduction, denominator, compact_rows, want_grads):
+    def forward(ctx, hidden, weight, bias, post, teacher_kind, teacher_parts, active, labels, spec, backend,
+                chunk_size, reduction, denominator, compact_rows, want_grads, components):
         kernels = backend_module(backend)
         rows = active.nonzero().squeeze(1) if compact_rows else torch.arange(active.numel(), device=active.device)
         # On a CPU there is no low-precision GEMM with fp32 output: upcast the weight once per call.
         w = weight if weight.is_cuda or weight.dtype == torch.float32 else weight.float()
         teacher = (teacher_kind, teacher_parts)
         if teacher_kind == "hidden" and not teacher_parts[1].is_cuda:
-            th, tw, tb = teacher_parts
-            teacher = ("hidden", (th, tw.float(), tb))
+            th, tw, tb, t_post = teacher_parts
+            teacher = ("hidden", (th, tw.float(), tb, t_post))
         ctx.reduction = reduction
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         scale = torch.ones(1, device=hidden.device)
         if denominator is not None:  # reduction="mean": every position's upstream gradient is 1/denominator
             scale = scale / denominator
+        reduce = (lambda x: x) if reduction == "none" else (lambda x: x.sum(-1) * scale.reshape(()))  # noqa: E731
         if not want_grads or reduction == "none":
-            row_loss, _ = _run_chunks(hidden, w, bias, teacher, rows, active, labels, spec, kernels,
-                                      chunk_size)
-            if not want_grads:
-                return row_loss if reduction == "none" else row_loss.sum() * scale.reshape(())
-            # reduction="none": the upstream gradient per position comes later, so recompute then
-            ctx.save_for_backward(hidden, weight, bias, rows, active, labels)
-            ctx.teacher, ctx.spec, ctx.backend, ctx.chunk_size = teacher, spec, backend, chunk_size
-            return row_loss
-        row_loss, grads = _run_chunks(hidden, w, bias, teacher, rows, active, labels, spec, kernels,
-                                      chunk_size, grad_rows=scale, want_grads=True)
-        ctx.save_for_backward(*[g for g in grads if g is not None])
-        ctx.has_bias = bias is not None
-        return row_loss.sum() * scale.reshape(())
+            row_loss, _, parts = _run_chunks(hidden, w, bias, post, teacher, rows, active, labels, spec, kernels,
+                                             chunk_size, components=components)
+            if want_grads:  # reduction="none": the upstream gradient per position comes later, so recompute then
+                ctx.save_for_backward(hidden, weight, bias, rows, active, labels)
+                ctx.teacher, ctx.spec, ctx.backend, ctx.chunk_size, ctx.post = teacher, spec, backend, chunk_size, post
+        else:
+            row_loss, grads, parts = _run_chunks(hidden, w, bias, post, teacher, rows, active, labels, spec,
+                                                 kernels, chunk_size, grad_rows=scale, want_grads=True,
+                                                 components=components)
+            ctx.save_for_backward(*[g for g in grads if g is not None])
+            ctx.has_bias = bias is not None
+        parts = reduce(parts) if components else row_loss.new_empty(0)
+        ctx.mark_non_differentiable(parts)
+        return reduce(row_loss), parts
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, grad_parts):
         if ctx.reduction == "none":
             hidden, weight, bias, rows, active, labels = ctx.saved_tensors
             w = weight if weight.is_cuda or weight.dtype == torch.float32 else weight.float()
-            _, (grad_hidden, grad_weight, grad_bias) = _run_chunks(
-                hidden, w, bias, ctx.teacher, rows, active, labels, ctx.spec,
+            _, (grad_hidden, grad_weight, grad_bias), _ = _run_chunks(
+                hidden, w, bias, ctx.post, ctx.teacher, rows, active, labels, ctx.spec,
                 backend_module(ctx.backend), ctx.chunk_size, grad_rows=grad_output.float(), want_grads=True)
         else:
             saved = ctx.saved_tensors
@@ -191,7 +220,7 @@ class FusedLinearCSDFunction(torch.autograd.Function):
         # fp32 accumulators, cast once at the end
         grad_weight = grad_weight.to(ctx.weight_dtype)
         grad_bias = grad_bias.to(ctx.bias_dtype) if grad_bias is not None else None
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 11
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 13
 
 
 def fused_linear_csd_loss(
@@ -203,11 +232,18 @@ def fused_linear_csd_loss(
     teacher_weight: Optional[torch.Tensor] = None,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
     compact_rows: bool = True,
     **csd_loss_keywords,
 ) -> torch.Tensor:
     """`csd_loss(student_hidden @ student_weight.T + student_bias, teacher_logits, ...)` without the logits.
+
+    With post-processing the student's logits are softcap * tanh(logit_scale * z / softcap), z = h W^T + b
+    (logit_scale * z without a softcap), and likewise the teacher's when it comes as hidden states.
 
     Args:
         student_hidden: (..., H_s) fp32, bf16 or fp16: the student's final hidden states.
@@ -215,11 +251,16 @@ def fused_linear_csd_loss(
         teacher_logits: (..., V_t) with V_t >= V_s, or None when the teacher is given as
             `teacher_hidden` (..., H_t) and `teacher_weight` (V_t, H_t) (H_t may differ from H_s).
         student_bias, teacher_bias: optional (V_s,) and (V_t,).
+        logit_scale, softcap: the student head's post-processing (Cohere's `logit_scale`, Gemma 2's
+            `final_logit_softcapping`; `integrations.transformers.logit_postprocessing` reads them from a
+            config). logit_scale a finite real number, softcap None or finite > 0.
+        teacher_logit_scale, teacher_softcap: the same for a teacher given as hidden states (teacher
+            logits are taken as already post-processed).
         chunk_size: rows per chunk; default `default_chunk_size` (a byte budget for one chunk's logits).
         compact_rows: skip excluded positions entirely (one host synchronisation to count them).
         **csd_loss_keywords: weighting, temperature, teacher_temperature, labels, ignore_index, mask,
-            reduction, num_items_in_batch, backend, ce_weight, csd_weight, validate_labels, exactly as
-            in `csd_loss`.
+            reduction, num_items_in_batch, backend, ce_weight, csd_weight, validate_labels,
+            return_components, exactly as in `csd_loss`.
 
     Returns the loss as `csd_loss` would (fp32), with gradients for `student_hidden`,
     `student_weight` and `student_bias`; the teacher gets none.
@@ -291,6 +332,12 @@ def fused_linear_csd_loss(
     if kw.get("validate_labels", False) and labels is not None:
         check_labels_in_range(labels, vocab, kw.get("ignore_index", -100), mask)
     check_flag("compact_rows", compact_rows)
+    post = check_logit_postprocessing("logit_scale", logit_scale, "softcap", softcap)
+    teacher_post = check_logit_postprocessing("teacher_logit_scale", teacher_logit_scale, "teacher_softcap",
+                                              teacher_softcap)
+    if teacher_logits is not None and teacher_post != (1.0, None):
+        raise ValueError(f"teacher_logit_scale={teacher_logit_scale} / teacher_softcap={teacher_softcap} apply to "
+                         "a teacher given as hidden states; teacher_logits are used as they are")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     spec = LossSpec(*parse_weighting(kw.get("weighting", "ss")), temperature, teacher_temperature,
@@ -305,7 +352,8 @@ def fused_linear_csd_loss(
         teacher = ("logits", teacher_logits.detach().reshape(n_rows, teacher_vocab))
     else:
         teacher = ("hidden", (teacher_hidden.detach().reshape(n_rows, teacher_hidden.shape[-1]),
-                              teacher_weight.detach(), teacher_bias.detach() if teacher_bias is not None else None))
+                              teacher_weight.detach(), teacher_bias.detach() if teacher_bias is not None else None,
+                              teacher_post))
     active = active_positions(lead, device, labels, mask, kw.get("ignore_index", -100))
     flat_labels = row_labels(labels) if (labels is not None and spec.has_ce) else None
     reduction = kw.get("reduction", "mean")
@@ -317,7 +365,9 @@ def fused_linear_csd_loss(
     # Evaluation loops (no_grad, inference_mode, frozen weights) get the loss without the gradient work.
     want_grads = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
-    loss = FusedLinearCSDFunction.apply(
-        hidden, student_weight, student_bias, teacher[0], teacher[1], active, flat_labels, spec, backend,
-        chunk_size, reduction, denominator, compact_rows, want_grads)
-    return loss.view(lead) if reduction == "none" else loss
+    components = check_flag("return_components", kw.get("return_components", False))
+    loss, parts = FusedLinearCSDFunction.apply(
+        hidden, student_weight, student_bias, post, teacher[0], teacher[1], active, flat_labels, spec, backend,
+        chunk_size, reduction, denominator, compact_rows, want_grads, components)
+    shape = (lambda x: x.view(lead)) if reduction == "none" else (lambda x: x)  # noqa: E731
+    return (shape(loss), shape(parts[0]), shape(parts[1])) if components else shape(loss)

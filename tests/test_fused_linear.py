@@ -28,15 +28,23 @@ def make_inputs(dtype=torch.float32, teacher_as="logits", bias=True):
     return inputs
 
 
-def unfused(inputs, **kwargs):
+def postprocessed(z, scale=1.0, softcap=None):
+    """The output head's post-processing, written plainly: softcap * tanh(scale * z / softcap)."""
+    z = scale * z
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def unfused(inputs, logit_scale=1.0, softcap=None, teacher_logit_scale=1.0, teacher_softcap=None, **kwargs):
     """The composition in fp32 from the same inputs: the reference fused-linear must match."""
     f = lambda x: x.float() if x is not None else None  # noqa: E731
     logits = f(inputs["student_hidden"]) @ f(inputs["student_weight"]).t()
     if inputs["student_bias"] is not None:
         logits = logits + f(inputs["student_bias"])
+    logits = postprocessed(logits, logit_scale, softcap)
     teacher = inputs.get("teacher_logits")
     if teacher is None:
         teacher = f(inputs["teacher_hidden"]) @ f(inputs["teacher_weight"]).t() + f(inputs["teacher_bias"])
+        teacher = postprocessed(teacher, teacher_logit_scale, teacher_softcap)
     return csd_loss(logits, teacher.float(), backend="torch", **kwargs)
 
 
@@ -88,6 +96,42 @@ def test_bf16_inputs_keep_fp32_logits(backend):
     check(make_inputs(dtype=torch.bfloat16), dtype_of_grads=torch.bfloat16, chunk_size=4, backend=backend)
 
 
+POST = {
+    "scale": dict(logit_scale=0.35),  # Cohere-style multiplier
+    "softcap": dict(softcap=2.5),  # Gemma-2-style cap, tight enough that tanh bends the logits
+    "scale+softcap": dict(logit_scale=1.7, softcap=3.0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("post", list(POST))
+@pytest.mark.parametrize("teacher_as", ["logits", "hidden"])
+def test_parity_with_logit_postprocessing(backend, post, teacher_as, dtype):
+    """logit_scale and softcap on the student (and on a teacher given as hidden states): value and every
+    gradient of the materialised composition, with CE and a reduction="none" upstream."""
+    kwargs = dict(POST[post])
+    if teacher_as == "hidden":
+        kwargs.update(teacher_logit_scale=0.8, teacher_softcap=4.0)
+    labels = torch.randint(0, VOCAB, N_LEAD, device=DEVICE)
+    labels[1, 2] = -100
+    for reduction in ("mean", "none"):
+        check(make_inputs(dtype=dtype, teacher_as=teacher_as), dtype_of_grads=dtype, chunk_size=4, backend=backend,
+              weighting="ts", labels=labels, ce_weight=0.3, reduction=reduction, **kwargs)
+
+
+def test_postprocessing_validation():
+    inputs = make_inputs()
+    for kwargs, error, message in [
+        (dict(logit_scale=float("nan")), ValueError, "logit_scale must be finite"),
+        (dict(logit_scale="2"), TypeError, "logit_scale must be a Python real number"),
+        (dict(softcap=0.0), ValueError, "softcap must be finite and > 0, got 0.0"),
+        (dict(softcap=True), TypeError, "softcap must be None or a Python real number"),
+        (dict(teacher_softcap=30.0), ValueError, "apply to a teacher given as hidden states"),
+    ]:
+        with pytest.raises(error, match=message):
+            fused_linear_csd_loss(**inputs, **kwargs)
+
+
 def test_compact_rows_false_gives_the_same(backend):
     inputs = make_inputs()
     labels = torch.randint(0, VOCAB, N_LEAD, device=DEVICE)
@@ -136,3 +180,17 @@ def test_peak_memory_below_unfused():
     naive = measure("linear-then-csd", rows, vocab, hidden=hidden)
     logits_bytes = rows * vocab * 4
     assert fused["extra_bytes"] + logits_bytes < naive["extra_bytes"], (fused, naive)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_return_components(backend, reduction):
+    inputs = make_inputs()
+    inputs["student_hidden"].requires_grad_(True)
+    labels = torch.randint(0, VOCAB, N_LEAD, device=DEVICE)
+    labels[0, 0] = -100
+    kwargs = dict(labels=labels, ce_weight=0.4, csd_weight=0.7, reduction=reduction, weighting="ts")
+    total, csd, ce = fused_linear_csd_loss(**inputs, backend=backend, chunk_size=3, return_components=True, **kwargs)
+    want = unfused(inputs, return_components=True, **kwargs)
+    for got, ref, name in zip((total, csd, ce), want, ("total", "csd", "ce")):
+        assert_close(got, ref, name=name)
+    assert total.requires_grad and not csd.requires_grad and not ce.requires_grad

@@ -71,6 +71,29 @@ def causal_lm_topk_csd_loss(student_outputs_or_logits, teacher_ids, teacher_logp
                          **topk_keywords)
 
 
+def logit_postprocessing(config) -> Dict[str, Any]:
+    """An output head's post-processing from a transformers config, as `fused_linear_csd_loss` takes it:
+    {"logit_scale": float, "softcap": float or None}.
+
+    The multiplier is read under the names architectures use for it (as TRL's DistillationTrainer
+    reads them): `logit_scale` (Cohere; None means 1), `output_multiplier`, `lm_head_multiplier`
+    (Falcon-H1), and `logits_scaling`, which Granite and MiniCPM3 divide by and HyperCLOVA X multiplies
+    by. The cap is Gemma 2's `final_logit_softcapping`. A multimodal config is read through its text
+    config."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(config, name, None)
+        if scale is not None:
+            break
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scaling = config.logits_scaling
+        scale = scaling if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / scaling
+    return {"logit_scale": 1.0 if scale is None else float(scale),
+            "softcap": getattr(config, "final_logit_softcapping", None)}
+
+
 class CSDTrainer(Trainer):
     """A `transformers.Trainer` that distils a frozen teacher into the model with CSD.
 

@@ -317,3 +317,96 @@ def test_offline_trainer_loss_is_the_topk_loss(tmp_path):
     assert_close(got, want, name="offline loss")
     with pytest.raises(ValueError, match="which this batch lacks"):
         trainer.compute_loss(student, {k: batch[k] for k in ("input_ids", "labels")})
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused_linear=True: no (N, V) logits of either model (issue 16)
+# ----------------------------------------------------------------------------------------------------
+def tiny_gemma2(vocab, seed=0, softcap=2.0):
+    """Gemma-2-style: tied embeddings, final-logit softcapping (tight, so tanh bends the logits)."""
+    torch.manual_seed(seed)
+    config = transformers.Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                       max_position_embeddings=32, final_logit_softcapping=softcap,
+                                       attn_implementation="eager")
+    return transformers.Gemma2ForCausalLM(config)
+
+
+def tiny_cohere_like(vocab, seed=0):
+    """A Llama with an untied output head with a bias and a Cohere-style logit_scale in its config."""
+    model = tiny_llama(vocab, seed=seed)
+    model.config.logit_scale = 0.5
+    head = torch.nn.Linear(model.config.hidden_size, vocab, bias=True)
+    model.lm_head = head
+
+    forward = model.forward
+
+    def scaled(*args, **kwargs):  # what Cohere's forward does with its logits
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * model.config.logit_scale
+        return out
+
+    model.forward = scaled
+    return model
+
+
+FUSED_ARCHS = {"gpt2": tiny_gpt2, "gemma2": tiny_gemma2, "llama": tiny_llama}
+
+
+@pytest.mark.parametrize("arch", list(FUSED_ARCHS))
+def test_fused_linear_trainer_matches_the_logits_path(tmp_path, arch):
+    """Same loss, components and gradients as the default path; teacher vocabulary padded."""
+    make = FUSED_ARCHS[arch]
+    data = TokenDataset(n=4)
+    batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask", "labels")}
+    results = []
+    for fused in (False, True):
+        student, teacher = make(100), make(112, seed=1)
+        trainer = _trainer(tmp_path, student, teacher, weighting="ts", ce_weight=0.3, fused_linear=fused)
+        student.train()
+        loss = trainer.compute_loss(student, dict(batch), num_items_in_batch=torch.tensor(29))
+        loss.backward()
+        sums = trainer._component_sums
+        results.append((loss.detach(), float(sums["csd"]), float(sums["ce"]),
+                        {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
+    (loss0, csd0, ce0, g0), (loss1, csd1, ce1, g1) = results
+    assert_close(loss1, loss0, name="fused-linear trainer loss")
+    assert abs(csd1 - csd0) <= 1e-5 * abs(csd0) and abs(ce1 - ce0) <= 1e-5 * abs(ce0)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert_close(g1[name], g0[name], name=f"gradient of {name}")
+
+
+def test_fused_linear_trainer_reads_the_heads_postprocessing(tmp_path):
+    """An untied head with a bias and a config logit_scale: the loss sees the scaled logits."""
+    from csd_kernels.integrations.transformers import logit_postprocessing
+
+    student, teacher = tiny_cohere_like(100), tiny_cohere_like(100, seed=1)
+    assert logit_postprocessing(student.config) == {"logit_scale": 0.5, "softcap": None}
+    data = TokenDataset(n=2)
+    batch = {k: torch.stack([data[i][k] for i in range(2)]) for k in ("input_ids", "labels")}
+    fused = _trainer(tmp_path, student, teacher, fused_linear=True).compute_loss(student, dict(batch))
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"]).logits
+    want = causal_lm_csd_loss(student(input_ids=batch["input_ids"]), t_logits, batch["labels"], backend="torch")
+    assert_close(fused, want, name="loss with logit_scale and a biased head")
+
+
+def test_logit_postprocessing_names():
+    from types import SimpleNamespace
+
+    from csd_kernels.integrations.transformers import logit_postprocessing
+
+    cases = [
+        (dict(logit_scale=None), 1.0), (dict(logit_scale=0.0625), 0.0625), (dict(output_multiplier=2.0), 2.0),
+        (dict(lm_head_multiplier=0.25), 0.25), (dict(logits_scaling=8.0, model_type="granite"), 0.125),
+        (dict(logits_scaling=8.0, model_type="hyperclovax"), 8.0), ({}, 1.0),
+    ]
+    for fields, scale in cases:
+        assert logit_postprocessing(SimpleNamespace(**fields))["logit_scale"] == scale, fields
+    assert logit_postprocessing(SimpleNamespace(final_logit_softcapping=30.0))["softcap"] == 30.0
+
+
+def test_fused_linear_needs_a_teacher_model(tmp_path):
+    with pytest.raises(ValueError, match="needs a teacher_model"):
+        _trainer(tmp_path, tiny_gpt2(100), None, fused_linear=True)

@@ -13,6 +13,7 @@ Importing `csd_kernels` never imports transformers; importing this module does.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -22,6 +23,7 @@ from transformers import Trainer
 from transformers import __version__ as transformers_version
 
 from ..contract import check_flag
+from ..fused_linear import fused_linear_csd_loss
 from ..loss import CSDLoss, csd_loss
 from ..topk import teacher_topk, topk_csd_loss
 
@@ -71,6 +73,48 @@ def causal_lm_topk_csd_loss(student_outputs_or_logits, teacher_ids, teacher_logp
                          **topk_keywords)
 
 
+def _final_hidden_states(model, unwrapped, inputs):
+    """(final hidden states (B, L, H), the model's output) without the (B, L, V) logits.
+
+    Through `model` (the training wrapper, so that DDP/FSDP hooks run) with `logits_to_keep=1`, capturing
+    the backbone's output with a forward hook; a model without `logits_to_keep` runs its backbone alone."""
+    backbone = unwrapped.base_model
+    if backbone is unwrapped:
+        raise ValueError(f"fused_linear=True needs a model with a separate backbone (`base_model`); "
+                         f"{type(unwrapped).__name__} has none")
+    if "logits_to_keep" not in inspect.signature(unwrapped.forward).parameters:
+        out = backbone(**inputs)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state, out
+    captured = {}
+
+    def keep(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = backbone.register_forward_hook(keep)
+    try:
+        outputs = model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured["hidden"], outputs
+
+
+def _output_head(model):
+    """(weight (V, H), bias or None) of the output embeddings; a DTensor (FSDP2) as its full tensor,
+    gathered once per step with autograd (its backward reduce-scatters the gradient)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"fused_linear=True needs output embeddings; {type(model).__name__}.get_output_embeddings() "
+                         "is None")
+    weight, bias = head.weight, getattr(head, "bias", None)
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor
+        return weight, bias
+    weight = weight.full_tensor() if isinstance(weight, DTensor) else weight
+    bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    return weight, bias
+
+
 def logit_postprocessing(config) -> Dict[str, Any]:
     """An output head's post-processing from a transformers config, as `fused_linear_csd_loss` takes it:
     {"logit_scale": float, "softcap": float or None}.
@@ -112,18 +156,29 @@ class CSDTrainer(Trainer):
             train from the dataset's top-k columns.
         weighting, temperature, teacher_temperature, ce_weight, csd_weight, backend: as in `csd_loss`.
         tail: offline only, `topk_csd_loss`'s tail bucket.
+        fused_linear: run each model's backbone for its final hidden states (the full forward with
+            `logits_to_keep=1`, the backbone's output captured, where the model takes `logits_to_keep`;
+            the backbone alone otherwise) and compute the loss with `fused_linear_csd_loss` from the
+            output embeddings (tied or not, bias if any, the config's `logit_postprocessing`), so that
+            neither model's (N, V) logits exist. Same loss, components, normalisation and logging as the
+            default logits path. An FSDP2 (DTensor) output weight is gathered once per step with
+            `full_tensor()`; DeepSpeed ZeRO-3 is not supported on this path yet (an error says so).
         Everything else goes to `transformers.Trainer`.
     """
 
     def __init__(self, *args, teacher_model: Optional[torch.nn.Module], weighting="ss", temperature: float = 1.0,
                  teacher_temperature: float = 1.0, ce_weight: float = 0.0, csd_weight: float = 1.0,
-                 backend: str = "auto", tail: bool = True, **kwargs):
+                 backend: str = "auto", tail: bool = True, fused_linear: bool = False, **kwargs):
         if not hasattr(Trainer, "_get_num_items_in_batch"):
             raise ImportError("CSDTrainer needs transformers >= 4.57 (Trainer._get_num_items_in_batch), "
                               f"found {transformers_version}")
         if teacher_model is not None and not isinstance(teacher_model, torch.nn.Module):
             raise TypeError(f"teacher_model must be a torch.nn.Module or None, got {type(teacher_model).__name__}")
         check_flag("tail", tail)
+        check_flag("fused_linear", fused_linear)
+        if fused_linear and teacher_model is None:
+            raise ValueError("fused_linear=True projects the teacher's hidden states: it needs a teacher_model "
+                             "(offline top-k training never holds the teacher's logits anyway)")
         # Every loss argument is checked now, not at the first training step.
         CSDLoss(weighting=weighting, temperature=temperature, teacher_temperature=teacher_temperature,
                 ce_weight=ce_weight, csd_weight=csd_weight, backend=backend)
@@ -133,6 +188,14 @@ class CSDTrainer(Trainer):
             self.teacher_model.eval()
             self.teacher_model.requires_grad_(False)
         self.tail = tail
+        self.fused_linear = fused_linear
+        if fused_linear and getattr(self, "is_deepspeed_enabled", False):
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            if is_deepspeed_zero3_enabled():
+                raise NotImplementedError("CSDTrainer(fused_linear=True) under DeepSpeed ZeRO-3 is not supported yet "
+                                          "(the output embedding would have to be gathered for the loss); use "
+                                          "fused_linear=False or ZeRO stage <= 2")
         self.csd_loss_kwargs: Dict[str, Any] = dict(
             weighting=weighting, temperature=temperature, teacher_temperature=teacher_temperature,
             ce_weight=ce_weight, csd_weight=csd_weight, backend=backend)
@@ -190,6 +253,10 @@ class CSDTrainer(Trainer):
         labels = inputs.pop("labels")
         shift_labels = inputs.pop("shift_labels", None)  # padding-free collators shift for us
         cached = {c: inputs.pop(c) for c in TOPK_COLUMNS if c in inputs}
+        if self.fused_linear:
+            loss, csd, ce, outputs = self._fused_linear_loss(model, inputs, labels, shift_labels, num_items_in_batch)
+            loss, csd, ce = self._scale_and_record(model, loss, csd, ce, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
         outputs = model(**inputs)
         if self.teacher_model is None:
             loss, csd, ce = self._topk_loss(outputs, cached, labels, shift_labels, num_items_in_batch)
@@ -210,6 +277,33 @@ class CSDTrainer(Trainer):
                                      num_items_in_batch=num_items_in_batch, return_components=True,
                                      **self.csd_loss_kwargs)
         return loss, csd, ce
+
+    def _fused_linear_loss(self, model, inputs, labels, shift_labels, num_items_in_batch):
+        student = self.accelerator.unwrap_model(model)
+        student_hidden, outputs = _final_hidden_states(model, student, inputs)
+        teacher = self.teacher_model
+        if next(teacher.parameters()).device != student_hidden.device:
+            teacher.to(student_hidden.device)
+        teacher.eval()
+        with torch.no_grad():
+            teacher_hidden, _ = _final_hidden_states(teacher, teacher, inputs)
+        s_weight, s_bias = _output_head(student)
+        t_weight, t_bias = _output_head(teacher)
+        vocab = min(s_weight.shape[0], t_weight.shape[0])  # the shared vocabulary, as the logits path
+        s_weight = s_weight[:vocab]
+        s_bias = s_bias[:vocab] if s_bias is not None else None
+        t_post = logit_postprocessing(teacher.config)
+        if shift_labels is None:
+            student_hidden, teacher_hidden, labels = student_hidden[:, :-1], teacher_hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        loss, csd, ce = fused_linear_csd_loss(
+            student_hidden, s_weight.to(student_hidden.dtype), teacher_hidden=teacher_hidden,
+            teacher_weight=t_weight.to(teacher_hidden.dtype), student_bias=s_bias, teacher_bias=t_bias,
+            **logit_postprocessing(student.config), teacher_logit_scale=t_post["logit_scale"],
+            teacher_softcap=t_post["softcap"], labels=labels, num_items_in_batch=num_items_in_batch,
+            return_components=True, **self.csd_loss_kwargs)
+        return loss, csd, ce, outputs
 
     def _scale_and_record(self, model, loss, csd, ce, num_items_in_batch):
         if (getattr(self.args, "average_tokens_across_devices", False) and num_items_in_batch is not None

@@ -45,3 +45,17 @@ def test_topk_benchmark_rows_on_cpu(tmp_path):
     assert sorted(times) == sorted((c.provider, m) for c in cases for m in ("forward", "backward", "full")), rows
     assert suite.bytes_per_element("bfloat16", "full", "topk8-csd-ss") == 6  # against dense CSD's 10
     assert suite.bytes_per_element("bfloat16", "full", "csd-ss") == 10
+
+
+@pytest.mark.slow
+def test_fused_linear_trainer_uses_less_memory():
+    """CSDTrainer(fused_linear=True) at a shape where the logits dominate (issue 16; README numbers come
+    from benchmarks.trainer_memory at a larger batch)."""
+    pytest.importorskip("transformers")
+    from benchmarks.trainer_memory import measure
+
+    shape = dict(vocab=32000, batch=2, seq=256, width=64)
+    logits_path, fused = measure(False, shape), measure(True, shape)
+    # Here one chunk of fp32 logits (the CPU budget, 64 MiB) is a large part of the fused path's memory.
+    assert fused["extra_bytes"] < 0.8 * logits_path["extra_bytes"], (logits_path, fused)
+    assert abs(fused["loss"] - logits_path["loss"]) <= 1e-4 * abs(logits_path["loss"])

@@ -20,5 +20,7 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6"],
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],
         "hf": ["transformers>=4.57", "accelerate>=0.26", "datasets>=2.14"],
+        # csd_kernels.integrations.trl: TRL's on-policy DistillationTrainer (trl >= 1.16)
+        "trl": ["trl>=1.16", "transformers>=4.57", "accelerate>=0.26", "datasets>=2.14"],
     },
 )

@@ -115,6 +115,39 @@ def _output_head(model):
     return weight, bias
 
 
+def fused_linear_causal_lm_loss(model, unwrapped, teacher, inputs, labels, *, shift_labels=None,
+                                num_items_in_batch=None, **csd_loss_keywords):
+    """`CSDTrainer(fused_linear=True)`'s loss: (loss, csd, ce, the student's output) from both models'
+    final hidden states and output heads, without either model's (N, V) logits.
+
+    `model` is the student as the training engine wraps it (DDP, FSDP2, ...), `unwrapped` the model
+    itself; `labels` (B, L) are shifted here unless the collator gave `shift_labels`. The shared
+    vocabulary is the first min(V_s, V_t) entries, as on the logits path."""
+    student_hidden, outputs = _final_hidden_states(model, unwrapped, inputs)
+    if next(teacher.parameters()).device != student_hidden.device:
+        teacher.to(student_hidden.device)
+    teacher.eval()
+    with torch.no_grad():
+        teacher_hidden, _ = _final_hidden_states(teacher, teacher, inputs)
+    s_weight, s_bias = _output_head(unwrapped)
+    t_weight, t_bias = _output_head(teacher)
+    vocab = min(s_weight.shape[0], t_weight.shape[0])
+    s_weight = s_weight[:vocab]
+    s_bias = s_bias[:vocab] if s_bias is not None else None
+    t_post = logit_postprocessing(teacher.config)
+    if shift_labels is None:
+        student_hidden, teacher_hidden, labels = student_hidden[:, :-1], teacher_hidden[:, :-1], labels[:, 1:]
+    else:
+        labels = shift_labels
+    loss, csd, ce = fused_linear_csd_loss(
+        student_hidden, s_weight.to(student_hidden.dtype), teacher_hidden=teacher_hidden,
+        teacher_weight=t_weight.to(teacher_hidden.dtype), student_bias=s_bias, teacher_bias=t_bias,
+        **logit_postprocessing(unwrapped.config), teacher_logit_scale=t_post["logit_scale"],
+        teacher_softcap=t_post["softcap"], labels=labels, num_items_in_batch=num_items_in_batch,
+        return_components=True, **csd_loss_keywords)
+    return loss, csd, ce, outputs
+
+
 def logit_postprocessing(config) -> Dict[str, Any]:
     """An output head's post-processing from a transformers config, as `fused_linear_csd_loss` takes it:
     {"logit_scale": float, "softcap": float or None}.
@@ -279,31 +312,9 @@ class CSDTrainer(Trainer):
         return loss, csd, ce
 
     def _fused_linear_loss(self, model, inputs, labels, shift_labels, num_items_in_batch):
-        student = self.accelerator.unwrap_model(model)
-        student_hidden, outputs = _final_hidden_states(model, student, inputs)
-        teacher = self.teacher_model
-        if next(teacher.parameters()).device != student_hidden.device:
-            teacher.to(student_hidden.device)
-        teacher.eval()
-        with torch.no_grad():
-            teacher_hidden, _ = _final_hidden_states(teacher, teacher, inputs)
-        s_weight, s_bias = _output_head(student)
-        t_weight, t_bias = _output_head(teacher)
-        vocab = min(s_weight.shape[0], t_weight.shape[0])  # the shared vocabulary, as the logits path
-        s_weight = s_weight[:vocab]
-        s_bias = s_bias[:vocab] if s_bias is not None else None
-        t_post = logit_postprocessing(teacher.config)
-        if shift_labels is None:
-            student_hidden, teacher_hidden, labels = student_hidden[:, :-1], teacher_hidden[:, :-1], labels[:, 1:]
-        else:
-            labels = shift_labels
-        loss, csd, ce = fused_linear_csd_loss(
-            student_hidden, s_weight.to(student_hidden.dtype), teacher_hidden=teacher_hidden,
-            teacher_weight=t_weight.to(teacher_hidden.dtype), student_bias=s_bias, teacher_bias=t_bias,
-            **logit_postprocessing(student.config), teacher_logit_scale=t_post["logit_scale"],
-            teacher_softcap=t_post["softcap"], labels=labels, num_items_in_batch=num_items_in_batch,
-            return_components=True, **self.csd_loss_kwargs)
-        return loss, csd, ce, outputs
+        return fused_linear_causal_lm_loss(model, self.accelerator.unwrap_model(model), self.teacher_model, inputs,
+                                           labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                                           **self.csd_loss_kwargs)
 
     def _scale_and_record(self, model, loss, csd, ce, num_items_in_batch):
         if (getattr(self.args, "average_tokens_across_devices", False) and num_items_in_batch is not None

@@ -22,8 +22,8 @@ GPU_VOCABS = (32000, 50257, 128256, 151936, 256000)
 GPU_DTYPES = ("bfloat16", "float32")
 # The CPU variant: the PyTorch paths on small shapes, a few minutes on 2 cores.
 CPU_PROVIDERS = ("csd-ss", "csd-ts", "csd-us", "kl-forward", "kl-reverse", "csd-ss+ce",
-                 "csd-ss+separate-ce", "authors-csd", "naive-kl", "topk8-csd-ss", "topk64-csd-ss",
-                 "topk512-csd-ss")
+                 "csd-ss+separate-ce", "authors-csd", "naive-kl", "compiled-naive-kl", "compiled-authors-csd",
+                 "topk8-csd-ss", "topk64-csd-ss", "topk512-csd-ss")
 CPU_ROWS = (512,)
 CPU_VOCABS = (8192, 32000, 50257)
 # Fused-linear shapes (hidden states in, no logits): the GPU target shape, and a small CPU one.

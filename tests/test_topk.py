@@ -104,9 +104,13 @@ ROW_CASES = {
 }
 
 
+# Every weighting is covered above; the row classes run with "ts" (both softmax bases) and, for the
+# classes that change the row's size (padding, K = 1, K = V), with "uu" (the entry count) too.
+ROW_WEIGHTINGS = [(case, "ts") for case in ROW_CASES] + [(case, "uu") for case in ("padded", "k=1", "k=V")]
+
+
 @pytest.mark.parametrize("tail", [True, False], ids=["tail", "no-tail"])
-@pytest.mark.parametrize("case", list(ROW_CASES))
-@pytest.mark.parametrize("weighting", ["ss", "ts", "uu"])
+@pytest.mark.parametrize("case,weighting", ROW_WEIGHTINGS, ids=[f"{c}-{w}" for c, w in ROW_WEIGHTINGS])
 def test_row_classes(backend, case, weighting, tail):
     k, teacher_pattern, student_pattern = ROW_CASES[case]
     student = _student(pattern=student_pattern)
@@ -247,8 +251,11 @@ def test_strided_students(backend, layout):
     _check(topk_csd_loss, reference.topk_csd_loss, student, ids, logprobs, weighting="ts", backend=backend)
 
 
-@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64, torch.int16, torch.uint8])
-@pytest.mark.parametrize("logprobs_dtype", [torch.float32, torch.float16, torch.bfloat16])
+STORAGE = [(ids, torch.float32) for ids in (torch.int32, torch.int64, torch.int16, torch.uint8)] + [
+    (torch.int32, torch.float16), (torch.int32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("ids_dtype,logprobs_dtype", STORAGE, ids=[f"{str(i)[6:]}-{str(p)[6:]}" for i, p in STORAGE])
 def test_storage_dtypes(backend, ids_dtype, logprobs_dtype):
     student = _student(vocab=251)  # uint8 ids hold < 256
     ids, logprobs = _teacher(student, 8, pattern="padded" if ids_dtype != torch.uint8 else "plain")

@@ -57,7 +57,7 @@ def _coarsened_rows(student_logits, teacher_ids, teacher_logprobs, tail, labels,
     n_rows = math.prod(lead)
     backend = resolve_backend(backend, student_logits, student_logits)
     active = active_positions(lead, student_logits.device, labels, mask, ignore_index)
-    ids = teacher_ids.reshape(n_rows, k)
+    ids = teacher_ids.reshape(n_rows, k).to(torch.int64)  # any integer dtype (uint8 cannot hold V)
     logprobs = teacher_logprobs.reshape(n_rows, k)
     real = (ids >= 0) & (logprobs != NEG_INF)
     # int32 for the kernels, -1 outside the support; an id >= V stays >= V (that position is NaN).

@@ -274,6 +274,17 @@ def test_student_dtypes(backend, dtype):
     assert grad.dtype == dtype and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
+def test_narrow_id_dtypes_with_a_large_vocabulary(backend):
+    """uint8/int16 ids index the first 256/32768 entries of a larger vocabulary: no overflow anywhere."""
+    student = _student(vocab=40000, lead=(2,))
+    ids, logprobs = _teacher(student, 4)
+    ids = torch.stack([torch.randperm(256)[:4] for _ in range(2)]).to(DEVICE)  # distinct ids per row
+    for dtype in (torch.uint8, torch.int16):
+        got = topk_csd_loss(student, ids.to(dtype), logprobs, tail=False, backend=backend)
+        want = reference.topk_csd_loss(student.double(), ids, logprobs, tail=False)
+        assert_close(got, want.float(), name=f"loss with {dtype} ids")
+
+
 def test_backends_agree_bitwise_on_the_support_gather():
     """Without the tail or CE the forward reads only the support: every backend returns the same loss."""
     student = _student()

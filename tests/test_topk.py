@@ -443,3 +443,37 @@ def test_no_host_sync(backend, monkeypatch, reduction):
                              reduction=reduction, num_items_in_batch=torch.tensor(5, device=DEVICE), backend=backend)
         loss.backward(upstream)
         topk_kl_loss(student, ids, logprobs, kind="reverse", reduction=reduction, backend=backend).backward(upstream)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU only
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_large_shape_int64_offsets():
+    """N x V above 2^31 elements (bf16): row offsets of the forward, the backward and the support scatter
+    must not overflow int32. Checked on the first, a middle and the last row against the reference."""
+    n, vocab = 16384, 151936
+    student = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    ids, logprobs = teacher_topk(student.detach()[:, :1000].float(), 8)  # any support, cheap to build
+    loss = topk_csd_loss(student, ids, logprobs, weighting="ts", reduction="sum", backend="triton")
+    (grad,) = torch.autograd.grad(loss, student)
+    rows = torch.tensor([0, n // 2, n - 1], device="cuda")
+    s = student.detach()[rows].double().requires_grad_(True)
+    want = reference.topk_csd_loss(s, ids[rows], logprobs[rows], weighting="ts", reduction="none")
+    got = topk_csd_loss(student.detach()[rows], ids[rows], logprobs[rows], weighting="ts", reduction="none",
+                        backend="triton")
+    assert_close(got, want.float(), name="loss of the sampled rows")
+    (want_grad,) = torch.autograd.grad(want.sum(), s)
+    assert_close(grad[rows].float(), want_grad.float(), dtype=torch.bfloat16, name="gradient of the sampled rows")
+
+
+@pytest.mark.gpu
+def test_gpu_bit_identical_runs():
+    student = _student(lead=(256,), vocab=151936, dtype=torch.bfloat16)
+    ids, logprobs = _teacher(student, 64)
+    runs = []
+    for _ in range(2):
+        s = student.clone().requires_grad_(True)
+        loss = topk_csd_loss(s, ids, logprobs, weighting="ts", labels=ids[..., 0], ce_weight=0.5, backend="triton")
+        runs.append((loss.detach(), torch.autograd.grad(loss, s)[0]))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 		echo "no GPU: installing the CPU build of torch ($(CPU_TORCH))"; \
 		$(BIN)/python -m pip install --quiet $(CPU_TORCH); \
 	fi
-	$(BIN)/python -m pip install --quiet -e ".[test,bench,hf,trl]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,hf,trl,deepspeed]"
 	touch $@
 
 install: $(VENV)/.installed

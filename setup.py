@@ -22,5 +22,7 @@ setup(
         "hf": ["transformers>=4.57", "accelerate>=0.26", "datasets>=2.14"],
         # csd_kernels.integrations.trl: TRL's on-policy DistillationTrainer (trl >= 1.16)
         "trl": ["trl>=1.16", "transformers>=4.57", "accelerate>=0.26", "datasets>=2.14"],
+        # the ZeRO-3 test of CSDTrainer(fused_linear=True) (DeepSpeed's CPU accelerator, gloo)
+        "deepspeed": ["deepspeed>=0.15"],
     },
 )

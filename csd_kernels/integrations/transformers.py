@@ -13,6 +13,7 @@ Importing `csd_kernels` never imports transformers; importing this module does.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -129,23 +130,48 @@ def fused_linear_causal_lm_loss(model, unwrapped, teacher, inputs, labels, *, sh
     teacher.eval()
     with torch.no_grad():
         teacher_hidden, _ = _final_hidden_states(teacher, teacher, inputs)
-    s_weight, s_bias = _output_head(unwrapped)
-    t_weight, t_bias = _output_head(teacher)
-    vocab = min(s_weight.shape[0], t_weight.shape[0])
-    s_weight = s_weight[:vocab]
-    s_bias = s_bias[:vocab] if s_bias is not None else None
     t_post = logit_postprocessing(teacher.config)
     if shift_labels is None:
         student_hidden, teacher_hidden, labels = student_hidden[:, :-1], teacher_hidden[:, :-1], labels[:, 1:]
     else:
         labels = shift_labels
-    loss, csd, ce = fused_linear_csd_loss(
-        student_hidden, s_weight.to(student_hidden.dtype), teacher_hidden=teacher_hidden,
-        teacher_weight=t_weight.to(teacher_hidden.dtype), student_bias=s_bias, teacher_bias=t_bias,
-        **logit_postprocessing(unwrapped.config), teacher_logit_scale=t_post["logit_scale"],
-        teacher_softcap=t_post["softcap"], labels=labels, num_items_in_batch=num_items_in_batch,
-        return_components=True, **csd_loss_keywords)
+    with _gathered_heads(unwrapped, teacher):
+        s_weight, s_bias = _output_head(unwrapped)
+        t_weight, t_bias = _output_head(teacher)
+        vocab = min(s_weight.shape[0], t_weight.shape[0])
+        s_weight = s_weight[:vocab]
+        s_bias = s_bias[:vocab] if s_bias is not None else None
+        loss, csd, ce = fused_linear_csd_loss(
+            student_hidden, s_weight.to(student_hidden.dtype), teacher_hidden=teacher_hidden,
+            teacher_weight=t_weight.to(teacher_hidden.dtype), student_bias=s_bias, teacher_bias=t_bias,
+            **logit_postprocessing(unwrapped.config), teacher_logit_scale=t_post["logit_scale"],
+            teacher_softcap=t_post["softcap"], labels=labels, num_items_in_batch=num_items_in_batch,
+            return_components=True, **csd_loss_keywords)
     return loss, csd, ce, outputs
+
+
+def _gathered_heads(*models):
+    """A context in which DeepSpeed ZeRO-3 partitioned output-head parameters are whole (read-only
+    gather, as transformers and TRL gather them); a no-op for any other parameters. The loss computes
+    its gradients inside (in its forward, for "mean" and "sum"), so the backward needs no gather."""
+    params = [p for m in models for p in (getattr(m.get_output_embeddings(), "weight", None),
+                                            getattr(m.get_output_embeddings(), "bias", None))
+              if p is not None and hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    student = models[0]
+    head = student.get_output_embeddings()
+    if head.weight.requires_grad and (head.weight is not student.get_input_embeddings().weight
+                                      or getattr(head, "bias", None) is not None):
+        # A tied head's gradient is accumulated while ZeRO-3 has the embedding gathered for its own
+        # backward; an untied head (or a bias) would receive a whole gradient while partitioned.
+        raise NotImplementedError(
+            "fused_linear=True under DeepSpeed ZeRO-3 supports output heads tied to the input embeddings "
+            f"(no bias); {type(student).__name__}'s head is untied or biased: use fused_linear=False, or ZeRO "
+            "stage <= 2")
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def logit_postprocessing(config) -> Dict[str, Any]:
@@ -195,7 +221,8 @@ class CSDTrainer(Trainer):
             output embeddings (tied or not, bias if any, the config's `logit_postprocessing`), so that
             neither model's (N, V) logits exist. Same loss, components, normalisation and logging as the
             default logits path. An FSDP2 (DTensor) output weight is gathered once per step with
-            `full_tensor()`; DeepSpeed ZeRO-3 is not supported on this path yet (an error says so).
+            `full_tensor()`; a DeepSpeed ZeRO-3 head tied to the input embeddings is gathered for the
+            loss (an untied or biased ZeRO-3 head raises NotImplementedError).
         Everything else goes to `transformers.Trainer`.
     """
 
@@ -222,13 +249,6 @@ class CSDTrainer(Trainer):
             self.teacher_model.requires_grad_(False)
         self.tail = tail
         self.fused_linear = fused_linear
-        if fused_linear and getattr(self, "is_deepspeed_enabled", False):
-            from transformers.integrations import is_deepspeed_zero3_enabled
-
-            if is_deepspeed_zero3_enabled():
-                raise NotImplementedError("CSDTrainer(fused_linear=True) under DeepSpeed ZeRO-3 is not supported yet "
-                                          "(the output embedding would have to be gathered for the loss); use "
-                                          "fused_linear=False or ZeRO stage <= 2")
         self.csd_loss_kwargs: Dict[str, Any] = dict(
             weighting=weighting, temperature=temperature, teacher_temperature=teacher_temperature,
             ce_weight=ce_weight, csd_weight=csd_weight, backend=backend)

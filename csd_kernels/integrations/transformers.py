@@ -101,7 +101,7 @@ def _final_hidden_states(model, unwrapped, inputs):
 
 def _output_head(model):
     """(weight (V, H), bias or None) of the output embeddings; a DTensor (FSDP2) as its full tensor,
-    gathered once per step with autograd (its backward reduce-scatters the gradient)."""
+    gathered once per loss call with autograd (its backward reduce-scatters the gradient)."""
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"fused_linear=True needs output embeddings; {type(model).__name__}.get_output_embeddings() "
@@ -220,7 +220,7 @@ class CSDTrainer(Trainer):
             the backbone alone otherwise) and compute the loss with `fused_linear_csd_loss` from the
             output embeddings (tied or not, bias if any, the config's `logit_postprocessing`), so that
             neither model's (N, V) logits exist. Same loss, components, normalisation and logging as the
-            default logits path. An FSDP2 (DTensor) output weight is gathered once per step with
+            default logits path. An FSDP2 (DTensor) output weight is gathered once per loss call with
             `full_tensor()`; a DeepSpeed ZeRO-3 head tied to the input embeddings is gathered for the
             loss (an untied or biased ZeRO-3 head raises NotImplementedError).
         Everything else goes to `transformers.Trainer`.

@@ -1,11 +1,16 @@
 """The losses as PyTorch custom operators, with their autograd formulas: what the public functions call.
 
-Two operators, registered with `torch.library.custom_op` (PyTorch >= 2.4):
+Operators registered with `torch.library.custom_op` (PyTorch >= 2.4):
 
     csd_kernels::distill_rows(student, teacher, active, labels?, <loss spec>, backend, components)
-        -> (total (N,), components (2, N) or (0,), row statistics (N, 8))
+        -> (total (N,), components (2, N) or (0,), row statistics (N, stats.NUM_STATS))
     csd_kernels::distill_rows_backward(student, teacher, active, labels?, stats, grad_rows, <spec>,
         backend, inplace) -> gradient w.r.t. student
+    csd_kernels::topk_student(student, ids, active, labels?, stream, backend)
+        -> (support logits (N, K), tail log-sum-exp (N,), row log-sum-exp (N,), s[label] (N,))
+    csd_kernels::topk_student_backward(...) -> gradient w.r.t. student
+
+(the last two are the student's side of the top-k losses' coarsened rows, topk.py)
 
 with `register_fake` (shapes for FakeTensor tracing) and `register_autograd`, so `torch.compile`
 (fullgraph=True, static or dynamic shapes) treats each as one opaque node instead of breaking the graph
@@ -33,9 +38,12 @@ from .contract import KINDS, LossSpec
 from .kernels import stats as st
 from .kernels.torch_backend import _label_logits
 
+# (family, backend) -> module: the dense losses' streaming pass, and the top-k losses' student pass.
 _BACKEND_MODULES = {
-    "torch": "csd_kernels.kernels.torch_backend",
-    "triton": "csd_kernels.kernels.triton_backend",
+    ("dense", "torch"): "csd_kernels.kernels.torch_backend",
+    ("dense", "triton"): "csd_kernels.kernels.triton_backend",
+    ("topk", "torch"): "csd_kernels.kernels.topk_torch",
+    ("topk", "triton"): "csd_kernels.kernels.topk_triton",
 }
 
 
@@ -76,9 +84,9 @@ def resolve_backend(backend: str, student: torch.Tensor, teacher: torch.Tensor) 
     return backend
 
 
-def backend_module(name: str) -> ModuleType:
+def backend_module(name: str, family: str = "dense") -> ModuleType:
     # Imported lazily: importing csd_kernels must not import triton (or query a GPU).
-    return importlib.import_module(_BACKEND_MODULES[name])
+    return importlib.import_module(_BACKEND_MODULES[family, name])
 
 
 def _spec(w1, w2, temperature, teacher_temperature, kind, csd_weight, ce_weight) -> LossSpec:
@@ -177,12 +185,6 @@ def apply_loss(student, teacher, active, labels, spec: LossSpec, backend: str, c
 # ----------------------------------------------------------------------------------------------------
 # Top-k teachers (topk.py): the student's side of the coarsened rows
 # ----------------------------------------------------------------------------------------------------
-_TOPK_MODULES = {
-    "torch": "csd_kernels.kernels.topk_torch",
-    "triton": "csd_kernels.kernels.topk_triton",
-}
-
-
 def _log_sum_exp_all(support: Tensor, tail: Tensor) -> Tensor:
     """log-sum-exp of the whole row from its parts: logaddexp(tail, logsumexp of the support logits)."""
     parts = torch.cat([support, tail[:, None]], dim=1)
@@ -198,7 +200,7 @@ def topk_student(student: Tensor, ids: Tensor, active: Tensor, labels: Optional[
 
     `ids` (N, K) int32, -1 where not in the support. Without `stream` only the support is read (tail
     -inf). s[label] is 0 without labels, NaN for a label outside [0, V)."""
-    support, tail = importlib.import_module(_TOPK_MODULES[backend]).student_pass(student, ids, active, stream)
+    support, tail = backend_module(backend, "topk").student_pass(student, ids, active, stream)
     lse = _log_sum_exp_all(support, tail)
     if labels is None:
         label_logit = torch.zeros_like(tail)
@@ -233,7 +235,7 @@ def topk_student_backward(
     if grad_label is not None:
         values = values + torch.where(ids.long() == labels.reshape(-1, 1), grad_label[:, None], 0.0)
     values = torch.where(keep, values, 0.0)
-    return importlib.import_module(_TOPK_MODULES[backend]).student_backward(
+    return backend_module(backend, "topk").student_backward(
         student, ids, active, labels, tail, coef, values, grad_label, stream)
 
 

@@ -175,8 +175,9 @@ def write_readme_table(name, lines):
         f.write(f"{head}{begin}\n" + "\n".join(lines) + f"\n{end}{tail}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(argv, description):
+    """The examples' shared command line: corpus, models, training and output."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--vocab", type=int, default=2000)
     parser.add_argument("--successors", type=int, default=4, help="likely next tokens per token")
     parser.add_argument("--seq-len", type=int, default=32)
@@ -194,21 +195,39 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--readme", action="store_true",
                         help="also copy the metrics table into README.md (between its example markers)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    start = time.time()
+
+def corpus_and_teacher(args):
+    """(device, transition matrix, train and held-out sequences, trained teacher), from args.seed."""
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(args.seed)
     probs = markov_chain(args.vocab, args.successors, g)
     train = sample_sequences(probs, args.train_sequences, args.seq_len, g)
     held_out = sample_sequences(probs, args.held_out_sequences, args.seq_len, g).to(device)
-    best_accuracy = probs.max(-1).values[held_out[:, :-1].cpu()].mean().item()
-
     padded_vocab = -(-args.vocab // 64) * 64
     print(f"teacher: GPT-2, 2 layers, width {args.width}, vocabulary {padded_vocab} (padded from {args.vocab})")
     teacher = gpt2(padded_vocab, 2, args.width, args.seq_len, seed=args.seed).to(device)
     train_teacher(teacher, train, args, device)
+    return device, probs, train, held_out, teacher
+
+
+def save_table(args, name, lines, start):
+    """Write DIR/<name>.md, print it, and copy it into README.md with --readme."""
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {args.out}/{name}.png and {name}.md in {time.time() - start:.0f} s")
+    if args.readme:
+        write_readme_table(name, lines)
+
+
+def main(argv=None):
+    args = parse_arguments(argv, __doc__.splitlines()[0])
+    start = time.time()
+    device, probs, train, held_out, teacher = corpus_and_teacher(args)
+    best_accuracy = probs.max(-1).values[held_out[:, :-1].cpu()].mean().item()
     teacher_metrics = evaluate(teacher, teacher, held_out, args.vocab, args.batch_size)
     print(f"  teacher held-out accuracy {teacher_metrics['accuracy']:.4f} (Bayes-optimal {best_accuracy:.4f})")
 
@@ -230,12 +249,7 @@ def main(argv=None):
         m = curve[-1][1]
         lines.append(f"| {method} | {m['kl']:.4f} | {m['csd']:.4f} | {m['accuracy']:.4f} | "
                      f"{m['perplexity_vs_teacher']:.2f} |")
-    with open(os.path.join(args.out, "distill_tiny.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {args.out}/distill_tiny.png and distill_tiny.md in {time.time() - start:.0f} s")
-    if args.readme:
-        write_readme_table("distill_tiny", lines)
+    save_table(args, "distill_tiny", lines, start)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ distill_topk.md (add --readme to copy the table into README.md).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,14 +26,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from distill_tiny import (  # noqa: E402
-    HERE,
     batches,
+    corpus_and_teacher,
     evaluate,
     gpt2,
-    markov_chain,
-    sample_sequences,
-    train_teacher,
-    write_readme_table,
+    parse_arguments,
+    save_table,
 )
 
 from csd_kernels import teacher_topk, topk_csd_loss, topk_kl_loss  # noqa: E402
@@ -124,35 +121,9 @@ def plot(curves, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, default=2000)
-    parser.add_argument("--successors", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--teacher-steps", type=int, default=400)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--train-sequences", type=int, default=4000)
-    parser.add_argument("--held-out-sequences", type=int, default=256)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("--readme", action="store_true", help="also copy the table into README.md")
-    args = parser.parse_args(argv)
-
+    args = parse_arguments(argv, __doc__.splitlines()[0])
     start = time.time()
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    g = torch.Generator().manual_seed(args.seed)
-    probs = markov_chain(args.vocab, args.successors, g)
-    train = sample_sequences(probs, args.train_sequences, args.seq_len, g)
-    held_out = sample_sequences(probs, args.held_out_sequences, args.seq_len, g).to(device)
-    padded_vocab = -(-args.vocab // 64) * 64
-    teacher = gpt2(padded_vocab, 2, args.width, args.seq_len, seed=args.seed).to(device)
-    print(f"teacher: GPT-2, 2 layers, width {args.width}, vocabulary {padded_vocab}")
-    train_teacher(teacher, train, args, device)
+    device, _, train, held_out, teacher = corpus_and_teacher(args)
     caches = {k: cache_topk(teacher, train, k, args.vocab, args.batch_size, device)
               for k in sorted({m[0] for m in METHODS.values() if m[0]})}
     positions = train.numel()
@@ -178,12 +149,7 @@ def main(argv=None):
         teacher_bytes = "online (teacher runs)" if k is None else f"{k * 8}"
         lines.append(f"| {method} | {teacher_bytes} | {m['kl']:.4f} | {m['csd']:.4f} | {m['accuracy']:.4f} | "
                      f"{m['perplexity_vs_teacher']:.2f} |")
-    with open(os.path.join(args.out, "distill_topk.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {args.out}/distill_topk.png and distill_topk.md in {time.time() - start:.0f} s")
-    if args.readme:
-        write_readme_table("distill_topk", lines)
+    save_table(args, "distill_topk", lines, start)
 
 
 if __name__ == "__main__":

@@ -91,20 +91,27 @@ def _worker(rank, world, init_file, out_file, arch):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_fused_linear_loss_under_fsdp2_matches_one_process(arch):
+def run_against_one_process(worker, arch):
+    """Run `worker(rank, world, init_file, out_file, arch)` on 2 gloo processes and check rank 0's saved
+    loss and full gradients against one unsharded process; returns rank 0's record for further checks."""
     student, teacher = _models(arch)
     want = _loss(student, student, teacher)
     want.backward()
     expected = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), out, arch), nprocs=2, join=True)
+        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), out, arch), nprocs=2, join=True)
         got = torch.load(out)
-    assert got["heads"][0] == ARCHS[arch], got["heads"]
     assert abs(float(got["loss"]) - float(want)) <= 1e-5 * abs(float(want))
-    assert got["grads"].keys() == expected.keys()
+    assert got["grads"].keys() >= expected.keys()
     for name, grad in expected.items():
         err = (got["grads"][name] - grad).abs().max().item()
         assert err <= 2e-5 * max(grad.abs().max().item(), 1e-3), f"{name}: max error {err:.3g}"
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_fused_linear_loss_under_fsdp2_matches_one_process(arch):
+    got = run_against_one_process(_worker, arch)
+    assert got["heads"][0] == ARCHS[arch], got["heads"]

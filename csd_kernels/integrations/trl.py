@@ -53,7 +53,12 @@ class CSDDistillationConfig(DistillationConfig):
 
     @property
     def loss_temperature(self) -> float:
-        return self.temperature if self.csd_temperature is None else self.csd_temperature
+        return _loss_temperature(self)
+
+
+def _loss_temperature(args) -> float:
+    """CSD's student temperature: `csd_temperature`, or TRL's `temperature` (sampling and loss) if None."""
+    return args.temperature if args.csd_temperature is None else args.csd_temperature
 
 
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
@@ -75,8 +80,8 @@ class CSDDistillationTrainer(DistillationTrainer):
 
     def _loss_keywords(self):
         args = self.args
-        temperature = args.temperature if args.csd_temperature is None else args.csd_temperature
-        return dict(weighting=args.weighting, temperature=temperature, teacher_temperature=args.teacher_temperature,
+        return dict(weighting=args.weighting, temperature=_loss_temperature(args),
+                    teacher_temperature=args.teacher_temperature,
                     ce_weight=args.ce_weight, csd_weight=args.csd_weight, backend=args.csd_backend)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):

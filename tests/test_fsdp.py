@@ -25,7 +25,10 @@ def _models(arch):
         config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
                                           tie_word_embeddings=False)
-        return transformers.LlamaForCausalLM(config)
+        model = transformers.LlamaForCausalLM(config)
+        if arch == "llama-bias":  # an untied head with a bias
+            model.lm_head = torch.nn.Linear(32, vocab, bias=True)
+        return model
 
     return make(0, 100), make(1, 112)
 
@@ -65,7 +68,7 @@ def _loss(model, unwrapped, teacher):
     return loss
 
 
-def _worker(rank, world, init_file, out_file, arch):
+def _worker(rank, world, init_file, out_file, archs):
     import csd_kernels.integrations.transformers as integration
 
     seen = []
@@ -79,39 +82,46 @@ def _worker(rank, world, init_file, out_file, arch):
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        student, teacher = _models(arch)
-        _shard(student, arch)
-        loss = _loss(student, student, teacher)
-        loss.backward()
-        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach()
-                 for n, p in student.named_parameters() if p.grad is not None}
+        records = {}
+        for arch in archs:
+            seen.clear()
+            student, teacher = _models(arch)
+            _shard(student, arch)
+            loss = _loss(student, student, teacher)
+            loss.backward()
+            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach()
+                     for n, p in student.named_parameters() if p.grad is not None}
+            records[arch] = {"loss": loss.detach(), "grads": grads, "heads": list(seen)}
         if rank == 0:
-            torch.save({"loss": loss.detach(), "grads": grads, "heads": seen}, out_file)
+            torch.save(records, out_file)
     finally:
         dist.destroy_process_group()
 
 
-def run_against_one_process(worker, arch):
-    """Run `worker(rank, world, init_file, out_file, arch)` on 2 gloo processes and check rank 0's saved
-    loss and full gradients against one unsharded process; returns rank 0's record for further checks."""
-    student, teacher = _models(arch)
-    want = _loss(student, student, teacher)
-    want.backward()
-    expected = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+def run_against_one_process(worker, archs):
+    """Run `worker(rank, world, init_file, out_file, archs)` once on 2 gloo processes (one start-up for
+    all the architectures) and check rank 0's saved loss and full gradients of each architecture against
+    one unsharded process; returns rank 0's records {arch: record} for further checks."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), out, arch), nprocs=2, join=True)
-        got = torch.load(out)
-    assert abs(float(got["loss"]) - float(want)) <= 1e-5 * abs(float(want))
-    assert got["grads"].keys() >= expected.keys()
-    for name, grad in expected.items():
-        err = (got["grads"][name] - grad).abs().max().item()
-        assert err <= 2e-5 * max(grad.abs().max().item(), 1e-3), f"{name}: max error {err:.3g}"
-    return got
+        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), out, archs), nprocs=2, join=True)
+        records = torch.load(out)
+    for arch in archs:
+        student, teacher = _models(arch)
+        want = _loss(student, student, teacher)
+        want.backward()
+        got = records[arch]
+        assert abs(float(got["loss"]) - float(want)) <= 1e-5 * abs(float(want)), arch
+        expected = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+        assert got["grads"].keys() >= expected.keys(), arch
+        for name, grad in expected.items():
+            err = (got["grads"][name] - grad).abs().max().item()
+            assert err <= 2e-5 * max(grad.abs().max().item(), 1e-3), f"{arch} {name}: max error {err:.3g}"
+    return records
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_fused_linear_loss_under_fsdp2_matches_one_process(arch):
-    got = run_against_one_process(_worker, arch)
-    assert got["heads"][0] == ARCHS[arch], got["heads"]
+def test_fused_linear_loss_under_fsdp2_matches_one_process():
+    records = run_against_one_process(_worker, list(ARCHS))
+    for arch, head_type in ARCHS.items():
+        assert records[arch]["heads"][0] == head_type, (arch, records[arch]["heads"])

@@ -130,48 +130,78 @@ def fused_linear_causal_lm_loss(model, unwrapped, teacher, inputs, labels, *, sh
     teacher.eval()
     with torch.no_grad():
         teacher_hidden, _ = _final_hidden_states(teacher, teacher, inputs)
-    t_post = logit_postprocessing(teacher.config)
     if shift_labels is None:
         student_hidden, teacher_hidden, labels = student_hidden[:, :-1], teacher_hidden[:, :-1], labels[:, 1:]
     else:
         labels = shift_labels
-    with _gathered_heads(unwrapped, teacher):
-        s_weight, s_bias = _output_head(unwrapped)
+    loss, csd, ce = fused_head_loss(unwrapped, teacher, student_hidden, teacher_hidden, labels=labels,
+                                    num_items_in_batch=num_items_in_batch, **csd_loss_keywords)
+    return loss, csd, ce, outputs
+
+
+def fused_head_loss(student, teacher, student_hidden, teacher_hidden, **loss_keywords):
+    """(loss, csd, ce) of `fused_linear_csd_loss` through both models' output heads: each model's own
+    weight, bias and `logit_postprocessing`, over the shared first min(V_s, V_t) vocabulary entries;
+    the tensors are moved to the student head's device. Sharded heads: an FSDP2 (DTensor) weight
+    is gathered with `full_tensor()`; under DeepSpeed ZeRO-3 the loss runs as the student head's
+    forward (`_as_forward_of`) and the teacher's head is gathered read-only.
+
+    **loss_keywords: labels, mask, num_items_in_batch, weighting, ... of `fused_linear_csd_loss`."""
+    s_post, t_post = logit_postprocessing(student.config), logit_postprocessing(teacher.config)
+
+    def head_loss(hidden):
+        s_weight, s_bias = _output_head(student)
         t_weight, t_bias = _output_head(teacher)
         vocab = min(s_weight.shape[0], t_weight.shape[0])
         s_weight = s_weight[:vocab]
         s_bias = s_bias[:vocab] if s_bias is not None else None
-        loss, csd, ce = fused_linear_csd_loss(
-            student_hidden, s_weight.to(student_hidden.dtype), teacher_hidden=teacher_hidden,
-            teacher_weight=t_weight.to(teacher_hidden.dtype), student_bias=s_bias, teacher_bias=t_bias,
-            **logit_postprocessing(unwrapped.config), teacher_logit_scale=t_post["logit_scale"],
-            teacher_softcap=t_post["softcap"], labels=labels, num_items_in_batch=num_items_in_batch,
-            return_components=True, **csd_loss_keywords)
-    return loss, csd, ce, outputs
+        device = s_weight.device  # with a device_map, the backbone may end on another device than the head
+        on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in loss_keywords.items()}
+        t_hidden = teacher_hidden.to(device)
+        return fused_linear_csd_loss(
+            hidden.to(device), s_weight.to(hidden.dtype), teacher_hidden=t_hidden,
+            teacher_weight=t_weight.to(t_hidden.dtype), student_bias=s_bias, teacher_bias=t_bias, **s_post,
+            teacher_logit_scale=t_post["logit_scale"], teacher_softcap=t_post["softcap"], return_components=True,
+            **on_device)
+
+    with _gathered_for_reading(teacher):
+        return _as_forward_of(student.get_output_embeddings(), head_loss, student_hidden)
 
 
-def _gathered_heads(*models):
-    """A context in which DeepSpeed ZeRO-3 partitioned output-head parameters are whole (read-only
-    gather, as transformers and TRL gather them); a no-op for any other parameters. The loss computes
-    its gradients inside (in its forward, for "mean" and "sum"), so the backward needs no gather."""
-    params = [p for m in models for p in (getattr(m.get_output_embeddings(), "weight", None),
-                                            getattr(m.get_output_embeddings(), "bias", None))
-              if p is not None and hasattr(p, "ds_id")]
-    if not params:
+def _zero3_partitioned(module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters(recurse=False))
+
+
+def _gathered_for_reading(model):
+    """A context in which a DeepSpeed ZeRO-3 partitioned output head of the (frozen) `model` is whole:
+    a read-only gather, as transformers and TRL gather a teacher's head; a no-op otherwise."""
+    head = model.get_output_embeddings()
+    if head is None or not _zero3_partitioned(head):
         return contextlib.nullcontext()
-    student = models[0]
-    head = student.get_output_embeddings()
-    if head.weight.requires_grad and (head.weight is not student.get_input_embeddings().weight
-                                      or getattr(head, "bias", None) is not None):
-        # A tied head's gradient is accumulated while ZeRO-3 has the embedding gathered for its own
-        # backward; an untied head (or a bias) would receive a whole gradient while partitioned.
-        raise NotImplementedError(
-            "fused_linear=True under DeepSpeed ZeRO-3 supports output heads tied to the input embeddings "
-            f"(no bias); {type(student).__name__}'s head is untied or biased: use fused_linear=False, or ZeRO "
-            "stage <= 2")
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(list(head.parameters(recurse=False)), modifier_rank=None)
+
+
+def _as_forward_of(head, fn, hidden):
+    """fn(hidden), run as the forward of the output head module when DeepSpeed ZeRO-3 partitions its
+    parameters (fn(hidden) directly otherwise).
+
+    ZeRO-3 gathers a module's parameters in hooks around that module's forward and backward and
+    reduce-scatters their gradients while they are whole; the loss reads the head's parameters
+    without calling the head, so it is run in the head's place for this one call. The head is then
+    handled exactly as when the model computes its logits: tied or untied, with or without bias."""
+    if head is None or not _zero3_partitioned(head):
+        return fn(hidden)
+    saved = head.__dict__.get("forward", _MISSING)  # an instance forward (accelerate's hooks) is kept
+    head.forward = fn
+    try:
+        return head(hidden)
+    finally:
+        if saved is _MISSING:
+            del head.forward
+        else:
+            head.forward = saved
 
 
 def logit_postprocessing(config) -> Dict[str, Any]:
@@ -221,8 +251,9 @@ class CSDTrainer(Trainer):
             output embeddings (tied or not, bias if any, the config's `logit_postprocessing`), so that
             neither model's (N, V) logits exist. Same loss, components, normalisation and logging as the
             default logits path. An FSDP2 (DTensor) output weight is gathered once per loss call with
-            `full_tensor()`; a DeepSpeed ZeRO-3 head tied to the input embeddings is gathered for the
-            loss (an untied or biased ZeRO-3 head raises NotImplementedError).
+            `full_tensor()`; under DeepSpeed ZeRO-3 the loss runs as the student head's forward, so
+            ZeRO-3 gathers that head (tied or not, with bias) and reduces its gradients as it does for
+            the logits, and the teacher's head is gathered read-only.
         Everything else goes to `transformers.Trainer`.
     """
 

@@ -23,9 +23,8 @@ from typing import Optional
 import torch
 from trl import DistillationConfig, DistillationTrainer
 
-from ..fused_linear import fused_linear_csd_loss
 from ..loss import CSDLoss
-from .transformers import _output_head, logit_postprocessing
+from .transformers import fused_head_loss
 
 
 @dataclass
@@ -103,18 +102,12 @@ class CSDDistillationTrainer(DistillationTrainer):
             teacher_hidden = self._forward_redirection(
                 self.teacher_model, unwrapped_teacher, self._get_last_hidden_state, unwrapped_teacher, input_ids,
                 attention_mask, logits_to_keep, **multimodal)
-        s_weight, s_bias = _output_head(unwrapped_student)
-        t_weight, t_bias = _output_head(unwrapped_teacher)
-        device = s_weight.device
-        student_hidden, teacher_hidden = student_hidden.to(device), teacher_hidden.to(device)
-        mask = loss_mask.to(device) != 0
-        t_post = logit_postprocessing(unwrapped_teacher.config)
-        loss, csd, ce = fused_linear_csd_loss(
-            student_hidden, s_weight.to(student_hidden.dtype), teacher_hidden=teacher_hidden,
-            teacher_weight=t_weight.to(teacher_hidden.dtype), student_bias=s_bias, teacher_bias=t_bias,
-            **logit_postprocessing(unwrapped_student.config), teacher_logit_scale=t_post["logit_scale"],
-            teacher_softcap=t_post["softcap"], labels=inputs["completion_ids"].to(device), mask=mask,
-            num_items_in_batch=num_items_in_batch, return_components=True, **self._loss_keywords())
+        mask = loss_mask != 0
+        loss, csd, ce = fused_head_loss(unwrapped_student, unwrapped_teacher, student_hidden, teacher_hidden,
+                                        labels=inputs["completion_ids"], mask=mask,
+                                        num_items_in_batch=num_items_in_batch, **self._loss_keywords())
+        device = loss.device
+        mask = mask.to(device)
         n_valid = mask.sum()
         # Components as sums over this micro-batch's valid tokens, for logging per-token means.
         denominator = n_valid.clamp(min=1) if num_items_in_batch is None else torch.as_tensor(

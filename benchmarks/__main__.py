@@ -21,7 +21,7 @@ GPU_ROWS = (256, 1024, 8192, 16384)
 GPU_VOCABS = (32000, 50257, 128256, 151936, 256000)
 GPU_DTYPES = ("bfloat16", "float32")
 # The CPU variant: the PyTorch paths on small shapes, a few minutes on 2 cores.
-CPU_PROVIDERS = ("csd-ss", "csd-ts", "csd-us", "kl-forward", "kl-reverse", "csd-ss+ce",
+CPU_PROVIDERS = ("csd-ss", "csd-ts", "csd-us", "kl-forward", "kl-reverse", "csd-ss+ce", "csd-ss-chunked",
                  "csd-ss+separate-ce", "authors-csd", "naive-kl", "compiled-naive-kl", "compiled-authors-csd",
                  "topk8-csd-ss", "topk64-csd-ss", "topk512-csd-ss")
 CPU_ROWS = (512,)
@@ -65,6 +65,11 @@ def main(argv=None):
                      extra_memory_cases=() if on_gpu or args.quick else (CPU_MEMORY_TARGET,))
     for written in plots.render(path):
         print("wrote", os.path.relpath(written, suite.ROOT))
+    if not on_gpu and not args.providers:
+        # The CPU path's target (issue 17): ratios to torch.compile'd naive KL at the target shapes.
+        from . import cpu_target
+
+        cpu_target.main(["--out", out] + (["--quick"] if args.quick else []))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,11 @@ PROVIDERS = {
         Provider("csd-ss", "csd_kernels.csd_loss, weighting='ss'", _csd("ss")),
         Provider("csd-ts", "csd_kernels.csd_loss, weighting='ts'", _csd("ts")),
         Provider("csd-us", "csd_kernels.csd_loss, weighting='us'", _csd("us")),
+        Provider("csd-mix", "csd_kernels.csd_loss, weighting=(0.5 S + 0.5 T, S): a mixture of two softmaxes",
+                 _csd(({"student": 0.5, "teacher": 0.5}, "student"))),
+        Provider("csd-ss-chunked", "csd_kernels.csd_loss, weighting='ss', backend='torch' (the chunked PyTorch "
+                 "backend, which 'auto' picks on a CPU below 2^20 logits)",
+                 lambda: functools.partial(csd_kernels.csd_loss, weighting="ss", backend="torch")),
         Provider("kl-forward", "csd_kernels.kl_loss, kind='forward'", _kl("forward")),
         Provider("kl-reverse", "csd_kernels.kl_loss, kind='reverse'", _kl("reverse")),
         Provider("csd-ss+ce", "csd_loss with the cross-entropy fused in (ce_weight=1)",

@@ -21,7 +21,7 @@ BASES = ("student", "teacher", "uniform")
 _LETTERS = {"s": "student", "t": "teacher", "u": "uniform"}
 WEIGHTING_CODES = ("ss", "ts", "st", "us", "su", "tt", "uu", "tu", "ut")
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "inductor")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Mixture coefficients must sum to one; this slack absorbs decimal inputs such as 0.15 + 0.85.
 _SUM_TOLERANCE = 1e-6

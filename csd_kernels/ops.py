@@ -42,6 +42,7 @@ from .kernels.torch_backend import _label_logits
 _BACKEND_MODULES = {
     ("dense", "torch"): "csd_kernels.kernels.torch_backend",
     ("dense", "triton"): "csd_kernels.kernels.triton_backend",
+    ("dense", "inductor"): "csd_kernels.kernels.inductor_backend",
     ("topk", "torch"): "csd_kernels.kernels.topk_torch",
     ("topk", "triton"): "csd_kernels.kernels.topk_triton",
 }
@@ -61,13 +62,40 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str, student: torch.Tensor, teacher: torch.Tensor) -> str:
-    """"auto" means Triton for CUDA tensors when Triton is installed, PyTorch otherwise (and for float64,
-    which the Triton kernels, computing in fp32, do not take)."""
+# "auto" picks the compiled CPU backend from N * V = 2^20 logits up: below, a call of the chunked backend
+# takes a few milliseconds, less than what one compilation (seconds) would save over a short run.
+INDUCTOR_MIN_ELEMENTS = 1 << 20
+
+
+@torch.compiler.assume_constant_result
+def _inductor_available() -> bool:
+    # assume_constant_result: under an outer torch.compile this runs once at trace time, untraced.
+    return importlib.import_module(_BACKEND_MODULES["dense", "inductor"]).available()
+
+
+def resolve_backend(backend: str, student: torch.Tensor, teacher: torch.Tensor, family: str = "dense") -> str:
+    """"auto" means Triton for CUDA tensors when Triton is installed; on a CPU, the Inductor-compiled
+    backend for inputs of at least INDUCTOR_MIN_ELEMENTS logits where a C++ compiler is found;
+    the chunked PyTorch backend otherwise (and for float64 on a GPU, which the Triton kernels, computing
+    in fp32, do not take)."""
     device = student.device
     float64 = torch.float64 in (student.dtype, teacher.dtype)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and not float64 and _triton_importable() else "torch"
+        if device.type == "cuda":
+            return "triton" if not float64 and _triton_importable() else "torch"
+        if (device.type == "cpu" and (family, "inductor") in _BACKEND_MODULES
+                and student.numel() >= INDUCTOR_MIN_ELEMENTS and _inductor_available()):
+            return "inductor"
+        return "torch"
+    if backend == "inductor":
+        if device.type != "cpu":
+            raise ValueError(f"backend='inductor' is the compiled CPU backend, got tensors on {device}; "
+                             "use backend='triton' or 'torch'")
+        if (family, "inductor") not in _BACKEND_MODULES:
+            raise ValueError(f"backend='inductor' does not exist for the {family} losses; use backend='torch'")
+        if not _inductor_available():
+            raise ValueError("backend='inductor' needs a C++ compiler that torch.compile (Inductor) can find; "
+                             "none was found: use backend='torch'")
     if backend == "triton":
         if float64:
             raise TypeError(

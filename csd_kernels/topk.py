@@ -55,7 +55,7 @@ def _coarsened_rows(student_logits, teacher_ids, teacher_logprobs, tail, labels,
     lead = student_logits.shape[:-1]
     vocab, k = student_logits.shape[-1], teacher_ids.shape[-1]
     n_rows = math.prod(lead)
-    backend = resolve_backend(backend, student_logits, student_logits)
+    backend = resolve_backend(backend, student_logits, student_logits, family="topk")
     active = active_positions(lead, student_logits.device, labels, mask, ignore_index)
     ids = teacher_ids.reshape(n_rows, k).to(torch.int64)  # any integer dtype (uint8 cannot hold V)
     logprobs = teacher_logprobs.reshape(n_rows, k)

@@ -331,6 +331,45 @@ def forward(
                     components)
 
 
+def gradient(s, t, start: int, stop: int, vocab: int, stats, active, labels, grad_rows, spec: LossSpec,
+             sharded_labels: bool = False) -> torch.Tensor:
+    """The gradient of `total` on columns [start, stop) of rows of V = `vocab` entries: s, t (N, C) in
+    the compute dtype, `stats` the forward's (N, NUM_STATS), `labels` (N, 1) when there is a
+    cross-entropy, `grad_rows` (N,)."""
+    dtype = stats.dtype
+    valid = (s != -math.inf) & (t != -math.inf)
+    scale = torch.where(active, grad_rows.to(dtype), 0.0)[:, None]
+    col = lambda k: stats[:, k : k + 1]  # noqa: E731
+    maxima, log_z = (col(st.M_S), col(st.M_T)), (col(st.LOG2Z_S), col(st.LOG2Z_T))
+    scales = (LOG2E / spec.temperature, LOG2E / spec.teacher_temperature)
+    dd = s - t - col(st.SHIFT)
+    bases = [
+        torch.exp2((logits - maxima[b]) * scales[b] - log_z[b]) if spec.needs(b) else None
+        for b, logits in enumerate((s, t))
+    ]
+    bases.append(col(st.INV_N) if spec.need_uniform else None)
+    if spec.kind == "csd":
+        w1 = _mix(spec.w1, bases)
+        w2 = _mix(spec.w2, bases)
+        g = 0.5 * (w2 * (dd - col(st.E_W1)) + w1 * (dd - col(st.E_W2)))
+    elif spec.kind == "kl-forward":
+        g = (bases[0] - bases[1]) / spec.temperature
+    else:
+        g = bases[0] * (dd - col(st.E_W1)) / spec.temperature**2
+    g = torch.where(valid, g, 0.0)
+    if spec.csd_weight != 1.0:
+        g = spec.csd_weight * g
+    if spec.has_ce:
+        # softmax(s) - onehot(label), formed in fp32 (p - 1 at the label keeps its precision)
+        p1 = torch.exp2((s - col(st.M_1)) * LOG2E - col(st.LOG2Z_1))
+        columns = torch.arange(start, stop, device=s.device)
+        ce_grad = torch.where(columns == labels, p1 - 1.0, p1)
+        if not sharded_labels:  # a shard-local label outside [0, V) belongs to another shard: no NaN there
+            ce_grad = torch.where((labels < 0) | (labels >= vocab), math.nan, ce_grad)
+        g = g + spec.ce_weight * ce_grad
+    return torch.where(active[:, None], scale * g, 0.0)
+
+
 def backward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -346,44 +385,12 @@ def backward(
 
     `sharded_labels`: shard-local labels; one outside [0, V) belongs to another vocabulary shard."""
     n_rows = active.numel()
-    vocab = student.shape[-1]
     dtype = stats.dtype
     if out is None:
         out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    scale = torch.where(active, grad_rows.reshape(n_rows).to(dtype), 0.0)[:, None]
-    col = lambda k: stats[:, k : k + 1]  # noqa: E731
-    maxima, log_z = (col(st.M_S), col(st.M_T)), (col(st.LOG2Z_S), col(st.LOG2Z_T))
-    scales = (LOG2E / spec.temperature, LOG2E / spec.teacher_temperature)
-    if spec.has_ce:
-        labels = labels.reshape(n_rows, 1)
-        # A shard-local label outside [0, V) belongs to another shard: no one-hot here, and no NaN.
-        bad_label = None if sharded_labels else ((labels < 0) | (labels >= vocab))
-    for start, stop, s, t, valid in _chunks(student, teacher, n_rows, dtype):
-        dd = s - t - col(st.SHIFT)
-        bases = [
-            torch.exp2((logits - maxima[b]) * scales[b] - log_z[b]) if spec.needs(b) else None
-            for b, logits in enumerate((s, t))
-        ]
-        bases.append(col(st.INV_N) if spec.need_uniform else None)
-        if spec.kind == "csd":
-            w1 = _mix(spec.w1, bases)
-            w2 = _mix(spec.w2, bases)
-            g = 0.5 * (w2 * (dd - col(st.E_W1)) + w1 * (dd - col(st.E_W2)))
-        elif spec.kind == "kl-forward":
-            g = (bases[0] - bases[1]) / spec.temperature
-        else:
-            g = bases[0] * (dd - col(st.E_W1)) / spec.temperature**2
-        g = torch.where(valid, g, 0.0)
-        if spec.csd_weight != 1.0:
-            g = spec.csd_weight * g
-        if spec.has_ce:
-            # softmax(s) - onehot(label), formed in fp32 (p - 1 at the label keeps its precision)
-            p1 = torch.exp2((s - col(st.M_1)) * LOG2E - col(st.LOG2Z_1))
-            columns = torch.arange(start, stop, device=s.device)
-            ce_grad = torch.where(columns == labels, p1 - 1.0, p1)
-            if bad_label is not None:
-                ce_grad = torch.where(bad_label, math.nan, ce_grad)
-            g = g + spec.ce_weight * ce_grad
-        g = torch.where(active[:, None], scale * g, 0.0)
+    labels = labels.reshape(n_rows, 1) if spec.has_ce else None
+    grad_rows = grad_rows.reshape(n_rows)
+    for start, stop, s, t, _ in _chunks(student, teacher, n_rows, dtype):
+        g = gradient(s, t, start, stop, student.shape[-1], stats, active, labels, grad_rows, spec, sharded_labels)
         out[..., start:stop] = g.view(*student.shape[:-1], stop - start)
     return out

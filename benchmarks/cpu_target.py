@@ -1,0 +1,177 @@
+"""The CPU path against `torch.compile` of a naive forward KL, side by side in one process (issue 17).
+
+For every (N, V, dtype) of the target grid, each provider's forward + backward is timed (median of 5
+after 2 warm-ups, the first of which compiles) and divided by the time of `compiled-naive-kl` on the
+same inputs in the same run: the `ratio` column, whose target is <= 1.1. Separately, the one-off
+compilation a user meets on a first call: `first_call_s` is the first forward + backward of each
+provider at a small shape in a fresh process with an empty Inductor cache, `cached_first_call_s` the
+same in a second process that finds the first one's on-disk cache, `warm_call_s` the second call.
+
+    python -m benchmarks.cpu_target [--quick] [--out benchmarks/results/cpu] [--readme]
+
+Writes DIR/cpu_target.csv (long format: provider, N, V, dtype, metric, value) and, with --readme, the
+table between <!-- cpu-target --> markers in README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+PROVIDERS = ("compiled-naive-kl", "naive-kl", "csd-ss", "csd-ts", "csd-us", "csd-mix", "kl-forward", "kl-reverse",
+             "csd-ss+ce", "csd-ss-chunked")
+GRID = [(n, v, d) for d in ("float32", "bfloat16") for n in (512, 2048) for v in (32000, 151936)]
+QUICK_GRID = [(512, 32000, "float32")]
+BASELINE = "compiled-naive-kl"
+TARGET = 1.1
+# The slow baselines (eager, chunked) only where they take seconds, not minutes.
+SMALL_ONLY = {"naive-kl", "csd-ss-chunked"}
+
+
+def _time(fn, inputs, leaves, warmups=2, repeats=5):
+    samples = []
+    for i in range(warmups + repeats):
+        start = time.perf_counter()
+        fn(*inputs).backward()
+        if i >= warmups:
+            samples.append((time.perf_counter() - start) * 1e3)
+        for leaf in leaves:
+            leaf.grad = None
+    return statistics.median(samples)
+
+
+def run_grid(grid, providers=PROVIDERS, log=print):
+    """{(provider, N, V, dtype): median ms} for every case of the grid, the baseline first."""
+    from benchmarks import suite
+    from benchmarks.providers import PROVIDERS as ALL
+
+    times = {}
+    built = {}
+    for n, vocab, dtype in grid:
+        for name in providers:
+            if name in SMALL_ONLY and n * vocab > 512 * 32000:
+                continue
+            fn = built.setdefault(name, ALL[name].make())
+            inputs, leaves = suite._inputs(suite.Case(name, n, vocab, dtype), torch.device("cpu"))
+            ms = _time(fn, inputs, leaves)
+            times[name, n, vocab, dtype] = ms
+            base = times.get((BASELINE, n, vocab, dtype))
+            log(f"{name:20s} N={n:<5d} V={vocab:<7d} {dtype:9s} {ms:9.1f} ms"
+                + (f"  {ms / base:.2f}x compiled naive KL" if base else ""))
+            del inputs, leaves
+    return times
+
+
+_FIRST_CALL = """
+import json, sys, time, torch
+from benchmarks.providers import PROVIDERS
+fn = PROVIDERS[sys.argv[1]].make()
+out = []
+for _ in range(2):
+    s = torch.randn(256, 8192, requires_grad=True)
+    t = torch.randn(256, 8192)
+    start = time.perf_counter()
+    fn(s, t).backward()
+    out.append(time.perf_counter() - start)
+print(json.dumps(out))
+"""
+
+
+def first_calls(providers, log=print):
+    """{provider: (first call s with an empty Inductor cache, first call s in a second process that
+    finds the first one's cache, second call s)} at N = 256, V = 8192 fp32: what the one-off
+    compilation costs a user, on a machine's first run and on later runs."""
+    result = {}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in providers:
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=root)
+            runs = [json.loads(subprocess.run([sys.executable, "-c", _FIRST_CALL, name], capture_output=True,
+                                              text=True, env=env, cwd=root, check=True).stdout.strip().splitlines()[-1])
+                    for _ in range(2)]
+        result[name] = (runs[0][0], runs[1][0], runs[1][1])
+        log(f"{name:20s} first call {runs[0][0]:.1f} s (empty Inductor cache), {runs[1][0]:.1f} s (cached), "
+            f"then {runs[1][1] * 1e3:.0f} ms")
+    return result
+
+
+def write_csv(path, times, calls):
+    from benchmarks.suite import _git_commit
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    commit = _git_commit()
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["provider", "N", "V", "dtype", "metric", "value", "device", "torch", "commit"])
+        device = f"CPU {os.uname().machine} x{torch.get_num_threads()}"
+        for (name, n, vocab, dtype), ms in sorted(times.items()):
+            out.writerow([name, n, vocab, dtype, "time_ms", f"{ms:.3f}", device, torch.__version__, commit])
+            base = times.get((BASELINE, n, vocab, dtype))
+            if base:
+                out.writerow([name, n, vocab, dtype, "ratio", f"{ms / base:.4f}", device, torch.__version__, commit])
+        for name, values in sorted(calls.items()):
+            for metric, value in zip(("first_call_s", "cached_first_call_s", "warm_call_s"), values):
+                out.writerow([name, 256, 8192, "float32", metric, f"{value:.4f}", device, torch.__version__, commit])
+    return path
+
+
+def markdown(path) -> str:
+    rows = list(csv.DictReader(open(path)))
+    ratio = {(r["provider"], int(r["N"]), int(r["V"]), r["dtype"]): float(r["value"])
+             for r in rows if r["metric"] == "ratio"}
+    ms = {(r["provider"], int(r["N"]), int(r["V"]), r["dtype"]): float(r["value"])
+          for r in rows if r["metric"] == "time_ms"}
+    shapes = sorted({k[1:] for k in ms}, key=lambda k: (k[2] != "float32", k[0], k[1]))
+    providers = [p for p in PROVIDERS if any(k[0] == p for k in ms)]
+    head = "| provider | " + " | ".join(f"{d} N={n} V={v}" for n, v, d in shapes) + " |"
+    lines = [f"Forward + backward on {rows[0]['device']} (torch {rows[0]['torch']}, commit {rows[0]['commit']}): "
+             f"median ms, and in brackets the ratio to `{BASELINE}` measured in the same run (target <= {TARGET}).",
+             "", head, "|" + " --- |" * (len(shapes) + 1)]
+    for p in providers:
+        cells = []
+        for shape in shapes:
+            key = (p,) + shape
+            cells.append(f"{ms[key]:.0f} ({ratio[key]:.2f})" if key in ms else "-")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    calls = {}
+    for r in rows:
+        if r["metric"].endswith("call_s"):
+            calls.setdefault(r["provider"], {})[r["metric"]] = float(r["value"])
+    if calls:
+        lines += ["", "One-off compilation, first forward + backward at N = 256, V = 8192 fp32 in a fresh process: "
+                  "with an empty Inductor cache (a machine's first run) / with the cache the first process left "
+                  "(later runs); then the second call: "
+                  + "; ".join(f"`{p}` {c['first_call_s']:.1f} s / {c['cached_first_call_s']:.1f} s, then "
+                              f"{c['warm_call_s'] * 1e3:.0f} ms" for p, c in calls.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one shape only")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu"))
+    parser.add_argument("--readme", action="store_true", help="also write the table into README.md")
+    args = parser.parse_args(argv)
+    times = run_grid(QUICK_GRID if args.quick else GRID)
+    calls = first_calls(("csd-ss", "csd-ts", "kl-forward", BASELINE))
+    path = write_csv(os.path.join(args.out, "cpu_target.csv"), times, calls)
+    print("wrote", path)
+    if args.readme:
+        from .plots import write_between_markers
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        write_between_markers(os.path.join(root, "README.md"), "cpu-target", markdown(path))
+        print("updated README.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The compiled CPU backend (backend="inductor", issue 17) against the float64 reference and the chunked
+PyTorch backend: every weighting class, KL, the fused cross-entropy, dtypes, -inf patterns, large
+offsets, the rows whose second moments would cancel, strided and broadcast layouts, the "auto" choice
+and its fallback, and no recompilation across shapes.
+
+Each structural variant compiles once (seconds); the cases below reuse a few of them on purpose."""
+
+import math
+
+import pytest
+import torch
+
+import reference
+from csd_kernels import csd_loss, kl_loss
+from csd_kernels.contract import WEIGHTING_CODES
+from csd_kernels.kernels import inductor_backend, torch_backend
+from csd_kernels import ops
+from csd_kernels.ops import resolve_backend
+from helpers import assert_close, assert_gradient, loss_and_grad
+
+pytestmark = pytest.mark.skipif(not inductor_backend.available(), reason="no C++ compiler for Inductor")
+
+
+def _logits(lead=(3, 4), vocab=301, offset=0.0, dtype=torch.float32):
+    student = 2.0 * torch.randn(*lead, vocab)
+    teacher = student + torch.randn(*lead, vocab) + offset
+    return student.to(dtype), teacher.to(dtype)
+
+
+def _check(student, teacher, fn=csd_loss, ref=reference.csd_loss, **kwargs):
+    """Loss (per position) and gradient of backend="inductor" against the float64 reference, and the
+    loss against the chunked backend on the same inputs."""
+    kwargs.setdefault("reduction", "none")
+    loss, grad = loss_and_grad(lambda s, t, **k: fn(s, t, backend="inductor", **k), student, teacher, **kwargs)
+    ref_loss, ref_grad = loss_and_grad(ref, student.double(), teacher.double(), **kwargs)
+    assert_close(loss, ref_loss, dtype=torch.float32, name="loss")
+    assert_gradient(grad, ref_grad.to(student.dtype) if student.dtype != torch.float64 else ref_grad, ref,
+                    student, teacher, **kwargs)
+    chunked = fn(student, teacher, backend="torch", **kwargs)
+    assert_close(loss, chunked, dtype=torch.float32, name="loss against the chunked backend")
+    return loss, grad
+
+
+@pytest.mark.parametrize("weighting", WEIGHTING_CODES)
+def test_every_weighting_matches_the_reference(weighting):
+    student, teacher = _logits(offset=3.0)
+    _check(student, teacher, weighting=weighting, temperature=1.5, teacher_temperature=0.8)
+
+
+def test_mixture_with_fused_cross_entropy():
+    student, teacher = _logits()
+    labels = torch.randint(0, 301, (3, 4))
+    labels[1, 2] = -100
+    weighting = ({"student": 0.5, "teacher": 0.3, "uniform": 0.2}, "teacher")
+    from test_fused_ce import fused_reference
+
+    loss, grad = loss_and_grad(lambda s, t, **k: csd_loss(s, t, backend="inductor", **k), student, teacher,
+                               weighting=weighting, labels=labels, ce_weight=0.7, reduction="none")
+    ref_loss, ref_grad = loss_and_grad(fused_reference, student.double(), teacher.double(), weighting=weighting,
+                                       labels=labels, ce_weight=0.7, reduction="none")
+    assert_close(loss, ref_loss, dtype=torch.float32, name="loss")
+    assert_close(grad, ref_grad, dtype=torch.float32, name="gradient")
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+def test_kl_matches_the_reference(kind):
+    student, teacher = _logits(offset=-5.0)
+    _check(student, teacher, fn=kl_loss, ref=reference.kl_loss, kind=kind, temperature=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_dtypes(dtype):
+    student, teacher = _logits(dtype=dtype)
+    _check(student, teacher, weighting="ss")
+
+
+def test_inf_patterns():
+    """-inf runs in either side, rows with one valid entry and rows with none."""
+    student, teacher = _logits(lead=(6,), vocab=301)
+    student[0, :150] = -math.inf  # a leading run in s
+    teacher[1, 200:] = -math.inf  # a trailing run in t
+    student[2, 10:290] = -math.inf
+    teacher[2, 0] = -math.inf
+    student[3, :] = -math.inf  # no valid entry
+    student[4, 1:] = -math.inf  # one valid entry
+    student[5, ::2] = -math.inf
+    teacher[5, 1::4] = -math.inf
+    for weighting in ("ss", "ts", "uu"):
+        _check(student, teacher, weighting=weighting)
+    _check(student, teacher, fn=kl_loss, ref=reference.kl_loss, kind="forward")
+
+
+@pytest.mark.parametrize("offset, drift", [(1e4, 0.0), (0.0, 200.0)], ids=["offset-1e4", "drift"])
+def test_large_offsets_and_drift(offset, drift):
+    """d carrying a large constant (logits of 1e4, exactly representable differences, so that forming
+    s - t in fp32 is exact) or drifting along the row: the centres keep the moments precise."""
+    from test_input_classes import _offset_logits
+
+    student, teacher = _offset_logits(offset, 301, drift=drift)
+    teacher[:, 40:90] = -math.inf
+    for weighting in ("ss", "ts", "uu"):
+        _check(student, teacher, weighting=weighting)
+
+
+def test_low_temperature():
+    student, teacher = _logits(lead=(4,), vocab=301)
+    _check(student * 50, teacher * 50, weighting="ss", temperature=0.1, teacher_temperature=0.1)
+
+
+def _cancelling_rows(vocab=4000):
+    """Rows whose student is nearly uniform with its mode on an outlier of d: centred at the mode,
+    S2 Z - S1^2 cancels by a factor of about V."""
+    student = torch.zeros(2, vocab)
+    student[:, 7] = 1e-3  # the mode, by a hair
+    teacher = torch.randn(2, vocab)
+    teacher[:, 7] = -1000.0  # d = 1000 at the mode, ~N(0, 1) elsewhere
+    return student, teacher
+
+
+def test_cancelling_rows_are_redone_exactly(monkeypatch):
+    student, teacher = _cancelling_rows()
+    redone = []
+    chunked = torch_backend.partials
+    monkeypatch.setattr(torch_backend, "partials", lambda s, *a: redone.append(s.shape[0]) or chunked(s, *a))
+    _check(student, teacher, weighting="ss")
+    assert redone and redone[0] == 2, redone  # both rows (and only the forward's redo called it)
+
+
+def test_the_cancelling_rows_test_can_fail(monkeypatch):
+    """Without the redo, the same rows' loss is visibly wrong: the test above tests something."""
+    student, teacher = _cancelling_rows()
+    monkeypatch.setattr(inductor_backend, "_MAX_CANCELLATION", math.inf)
+    loss = csd_loss(student, teacher, weighting="ss", backend="inductor", reduction="none")
+    expected = reference.csd_loss(student.double(), teacher.double(), weighting="ss", reduction="none")
+    with pytest.raises(AssertionError, match="out of tolerance"):
+        assert_close(loss, expected, dtype=torch.float32, name="loss")
+
+
+@pytest.mark.parametrize("layout", ["row-slice", "transposed", "broadcast-teacher", "vocab-strided"])
+def test_layouts(layout):
+    """Rows with a stride (compiled), and layouts only a copy could make rows of (the chunked path)."""
+    student, teacher = _logits(lead=(2, 3), vocab=257)
+    if layout == "row-slice":  # each row inside a wider one
+        student = torch.cat([student, torch.randn(2, 3, 40)], -1)[..., :257]
+    elif layout == "transposed":
+        student = student.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "broadcast-teacher":
+        teacher = teacher[:1].expand(2, 3, 257)
+    else:
+        student = torch.stack([student, student], -1)[..., 0]
+    _check(student, teacher, weighting="ts")
+
+
+def test_auto_picks_the_compiled_backend_for_large_cpu_inputs(monkeypatch):
+    big = torch.empty(ops.INDUCTOR_MIN_ELEMENTS // 1000 + 1, 1000)
+    small = torch.empty(4, 100)
+    assert resolve_backend("auto", big, big) == "inductor"
+    assert resolve_backend("auto", small, small) == "torch"
+    assert resolve_backend("auto", big, big, family="topk") == "torch"  # no compiled top-k pass
+    monkeypatch.setattr(ops, "_inductor_available", lambda: False)  # no C++ compiler
+    assert resolve_backend("auto", big, big) == "torch"
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
+        resolve_backend("inductor", small, small)
+
+
+def test_no_recompilation_across_shapes():
+    """dynamic=True: new row counts and vocabularies reuse the compiled code."""
+    from torch._dynamo.utils import counters
+
+    def run(lead, vocab):
+        student, teacher = _logits(lead=lead, vocab=vocab)
+        student.requires_grad_(True)
+        csd_loss(student, teacher, weighting="ts", backend="inductor").backward()
+
+    run((3, 4), 301)  # compiled (or cached) here
+    before = counters["stats"]["unique_graphs"]
+    run((5,), 333)
+    run((2, 3, 7), 1000)
+    assert counters["stats"]["unique_graphs"] == before, "a new shape recompiled the whole-row code"
+
+
+def test_inside_a_compiled_training_step():
+    """The custom operator stays opaque to an outer torch.compile, and runs the compiled backend."""
+    student, teacher = _logits(lead=(4,), vocab=301)
+    weight = torch.nn.Parameter(torch.eye(301))
+
+    @torch.compile(fullgraph=True)
+    def step(s, t):
+        return csd_loss(s @ weight, t, weighting="ss", backend="inductor")
+
+    loss = step(student, teacher)
+    loss.backward()
+    expected = reference.csd_loss((student @ weight).double(), teacher.double(), weighting="ss")
+    assert_close(loss.detach(), expected, dtype=torch.float32, name="loss")
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()

@@ -65,7 +65,9 @@ def csd_loss(
         reduction: "mean" over counted positions, "sum", or "none" (per-position, 0 where excluded).
         num_items_in_batch: int or one-element tensor replacing the denominator of "mean" (gradient
             accumulation, multi-GPU token averaging); not clamped, so it must be > 0.
-        backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "torch" or "triton".
+        backend: "auto" (Triton for CUDA tensors; on a CPU "inductor" from 2^20 logits up where a C++
+            compiler is found, "torch" otherwise), "torch" (chunked PyTorch), "triton" or "inductor"
+            (the compiled CPU backend).
         inplace_backward: write the gradient into `student_logits`' storage instead of a new (N, V)
             buffer. Unsafe when anything else still needs the logits (another loss on the same logits,
             a later read of them): their version counter is bumped, so autograd raises if a saved

@@ -12,13 +12,21 @@ import torch
 
 import reference
 from csd_kernels import csd_loss, kl_loss
-from csd_kernels.contract import WEIGHTING_CODES
 from csd_kernels.kernels import inductor_backend, torch_backend
 from csd_kernels import ops
 from csd_kernels.ops import resolve_backend
 from helpers import assert_close, assert_gradient, loss_and_grad
 
 pytestmark = pytest.mark.skipif(not inductor_backend.available(), reason="no C++ compiler for Inductor")
+
+
+# One pair of temperatures throughout: the backward compiles once per loss spec, so the cases below share
+# the variants of the first test instead of compiling their own.
+TAU = dict(temperature=1.5, teacher_temperature=0.8)
+# The structural classes of the forward (which softmaxes carry weight); st, su and ut differ from ts,
+# us and tu only in the roles of w1 and w2, which the shared `gradient` formula (tested on the chunked
+# backend for every code) and `finalize` take care of.
+WEIGHTINGS = ("ss", "ts", "us", "tt", "uu", "tu")
 
 
 def _logits(lead=(3, 4), vocab=301, offset=0.0, dtype=torch.float32):
@@ -41,10 +49,10 @@ def _check(student, teacher, fn=csd_loss, ref=reference.csd_loss, **kwargs):
     return loss, grad
 
 
-@pytest.mark.parametrize("weighting", WEIGHTING_CODES)
-def test_every_weighting_matches_the_reference(weighting):
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_every_weighting_class_matches_the_reference(weighting):
     student, teacher = _logits(offset=3.0)
-    _check(student, teacher, weighting=weighting, temperature=1.5, teacher_temperature=0.8)
+    _check(student, teacher, weighting=weighting, **TAU)
 
 
 def test_mixture_with_fused_cross_entropy():
@@ -86,8 +94,8 @@ def test_inf_patterns():
     student[5, ::2] = -math.inf
     teacher[5, 1::4] = -math.inf
     for weighting in ("ss", "ts", "uu"):
-        _check(student, teacher, weighting=weighting)
-    _check(student, teacher, fn=kl_loss, ref=reference.kl_loss, kind="forward")
+        _check(student, teacher, weighting=weighting, **TAU)
+    _check(student, teacher, fn=kl_loss, ref=reference.kl_loss, kind="forward", temperature=2.0)
 
 
 @pytest.mark.parametrize("offset, drift", [(1e4, 0.0), (0.0, 200.0)], ids=["offset-1e4", "drift"])
@@ -99,7 +107,7 @@ def test_large_offsets_and_drift(offset, drift):
     student, teacher = _offset_logits(offset, 301, drift=drift)
     teacher[:, 40:90] = -math.inf
     for weighting in ("ss", "ts", "uu"):
-        _check(student, teacher, weighting=weighting)
+        _check(student, teacher, weighting=weighting, **TAU)
 
 
 def test_low_temperature():
@@ -122,7 +130,7 @@ def test_cancelling_rows_are_redone_exactly(monkeypatch):
     redone = []
     chunked = torch_backend.partials
     monkeypatch.setattr(torch_backend, "partials", lambda s, *a: redone.append(s.shape[0]) or chunked(s, *a))
-    _check(student, teacher, weighting="ss")
+    _check(student, teacher, weighting="ss", **TAU)
     assert redone and redone[0] == 2, redone  # both rows (and only the forward's redo called it)
 
 
@@ -130,8 +138,8 @@ def test_the_cancelling_rows_test_can_fail(monkeypatch):
     """Without the redo, the same rows' loss is visibly wrong: the test above tests something."""
     student, teacher = _cancelling_rows()
     monkeypatch.setattr(inductor_backend, "_MAX_CANCELLATION", math.inf)
-    loss = csd_loss(student, teacher, weighting="ss", backend="inductor", reduction="none")
-    expected = reference.csd_loss(student.double(), teacher.double(), weighting="ss", reduction="none")
+    loss = csd_loss(student, teacher, weighting="ss", backend="inductor", reduction="none", **TAU)
+    expected = reference.csd_loss(student.double(), teacher.double(), weighting="ss", reduction="none", **TAU)
     with pytest.raises(AssertionError, match="out of tolerance"):
         assert_close(loss, expected, dtype=torch.float32, name="loss")
 
@@ -148,7 +156,7 @@ def test_layouts(layout):
         teacher = teacher[:1].expand(2, 3, 257)
     else:
         student = torch.stack([student, student], -1)[..., 0]
-    _check(student, teacher, weighting="ts")
+    _check(student, teacher, weighting="ts", **TAU)
 
 
 def test_auto_picks_the_compiled_backend_for_large_cpu_inputs(monkeypatch):
@@ -170,7 +178,7 @@ def test_no_recompilation_across_shapes():
     def run(lead, vocab):
         student, teacher = _logits(lead=lead, vocab=vocab)
         student.requires_grad_(True)
-        csd_loss(student, teacher, weighting="ts", backend="inductor").backward()
+        csd_loss(student, teacher, weighting="ts", backend="inductor", **TAU).backward()
 
     run((3, 4), 301)  # compiled (or cached) here
     before = counters["stats"]["unique_graphs"]
@@ -186,10 +194,38 @@ def test_inside_a_compiled_training_step():
 
     @torch.compile(fullgraph=True)
     def step(s, t):
-        return csd_loss(s @ weight, t, weighting="ss", backend="inductor")
+        return csd_loss(s @ weight, t, weighting="ss", backend="inductor", **TAU)
 
     loss = step(student, teacher)
     loss.backward()
-    expected = reference.csd_loss((student @ weight).double(), teacher.double(), weighting="ss")
+    expected = reference.csd_loss((student @ weight).double(), teacher.double(), weighting="ss", **TAU)
     assert_close(loss.detach(), expected, dtype=torch.float32, name="loss")
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+def test_inplace_backward():
+    """The gradient written into the student logits' storage equals the one in a new buffer."""
+    student, teacher = _logits()
+    want = loss_and_grad(lambda s, t: csd_loss(s, t, weighting="ts", backend="inductor", **TAU), student, teacher)[1]
+    logits = student.clone().requires_grad_(True)
+    scaled = logits * 1.0  # a non-leaf whose storage the backward may overwrite
+    csd_loss(scaled, teacher, weighting="ts", backend="inductor", inplace_backward=True, **TAU).backward()
+    assert_close(logits.grad, want, name="in-place gradient")
+
+
+def test_cpu_target_benchmark_reports_ratios_from_one_run(tmp_path):
+    """benchmarks.cpu_target on a tiny grid: every provider timed beside compiled naive KL, the ratio
+    is the quotient of the two medians of the same run, and the table shows it."""
+    import csv
+
+    from benchmarks import cpu_target
+
+    times = cpu_target.run_grid([(8, 300, "float32")], ("compiled-naive-kl", "csd-ss", "kl-forward"),
+                                log=lambda *a: None)
+    path = cpu_target.write_csv(str(tmp_path / "cpu_target.csv"), times, {})
+    rows = list(csv.DictReader(open(path)))
+    ratio = {r["provider"]: float(r["value"]) for r in rows if r["metric"] == "ratio"}
+    ms = {r["provider"]: float(r["value"]) for r in rows if r["metric"] == "time_ms"}
+    assert ratio["compiled-naive-kl"] == 1.0
+    assert ratio["csd-ss"] == pytest.approx(ms["csd-ss"] / ms["compiled-naive-kl"], rel=1e-3)
+    assert f"{ms['kl-forward']:.0f} ({ratio['kl-forward']:.2f})" in cpu_target.markdown(path)

@@ -150,7 +150,7 @@ def memory_target_line(rows) -> str:
                 and r["V"] == "32000" and r["dtype"] == "float32" and r["status"] == "ok"):
             extra = next(float(x["p50"]) for x in rows if x["metric"] == "extra_memory"
                          and x["provider"] == "csd-ss" and x["N"] == "8192" and x["V"] == "32000")
-            return (f"`csd_loss(backend=\"torch\")` forward + backward at (8192, 32000) fp32 on "
+            return (f"`csd_loss` (\"auto\": the compiled CPU backend) forward + backward at (8192, 32000) fp32 on "
                     f"{r['device']}: {extra / 1e6:.0f} MB extra peak memory, {float(r['p50']):.2f}x "
                     f"the size of its gradient (target: below 1.5x).\n")
     return ""

@@ -28,7 +28,7 @@ import time
 import torch
 
 PROVIDERS = ("compiled-naive-kl", "naive-kl", "csd-ss", "csd-ts", "csd-us", "csd-mix", "kl-forward", "kl-reverse",
-             "csd-ss+ce", "csd-ss-chunked")
+             "csd-ss+ce", "topk64-csd-ss", "csd-ss-chunked")
 GRID = [(n, v, d) for d in ("float32", "bfloat16") for n in (512, 2048) for v in (32000, 151936)]
 QUICK_GRID = [(512, 32000, "float32")]
 BASELINE = "compiled-naive-kl"

@@ -45,6 +45,7 @@ _BACKEND_MODULES = {
     ("dense", "inductor"): "csd_kernels.kernels.inductor_backend",
     ("topk", "torch"): "csd_kernels.kernels.topk_torch",
     ("topk", "triton"): "csd_kernels.kernels.topk_triton",
+    ("topk", "inductor"): "csd_kernels.kernels.topk_inductor",
 }
 
 
@@ -67,10 +68,14 @@ def _interpreter_on() -> bool:
 INDUCTOR_MIN_ELEMENTS = 1 << 20
 
 
-@torch.compiler.assume_constant_result
 def _inductor_available() -> bool:
-    # assume_constant_result: under an outer torch.compile this runs once at trace time, untraced.
     return importlib.import_module(_BACKEND_MODULES["dense", "inductor"]).available()
+
+
+# Under an outer torch.compile this must run untraced, as a constant (it imports a module and looks for a
+# compiler). This is what torch.compiler.assume_constant_result does; the decorator itself would import
+# torch._dynamo (and with it triton) when csd_kernels is imported.
+_inductor_available._dynamo_marked_constant = True
 
 
 def resolve_backend(backend: str, student: torch.Tensor, teacher: torch.Tensor, family: str = "dense") -> str:

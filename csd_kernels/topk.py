@@ -74,6 +74,8 @@ def _coarsened_rows(student_logits, teacher_ids, teacher_logprobs, tail, labels,
     else:
         s_rows, t_rows = support, t_support
     ce_rows = torch.where(active, lse - label_logit, 0.0) if ce else None
+    if backend == "inductor":  # the coarsened rows are short: the dense backend "auto" picks for their size
+        backend = resolve_backend("auto", s_rows, t_rows)
     return s_rows.view(*lead, -1), t_rows.view(*lead, -1), active, ce_rows, backend
 
 

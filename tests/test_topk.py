@@ -1,7 +1,8 @@
 """Top-k teachers: `topk_csd_loss`, `topk_kl_loss` and `teacher_topk` against `reference/topk.py`.
 
 The reference builds each row's coarsened vocabulary and calls the dense reference, in float64 from the
-same inputs; both backends (Triton under the interpreter on CPU) must match its value and gradient.
+same inputs; every backend (Triton under the interpreter on CPU, the chunked PyTorch pass, and the
+compiled CPU pass where a C++ compiler exists) must match its value and gradient.
 Classes of input: padded and all-padded rows, K = 1 and K = V, teacher tails of zero and of tiny mass,
 students with almost no mass off the support (the Triton pass's exact fallback) or with a maximum far
 above the support (its re-shifted pass), -inf and NaN logits, ids >= V, every weighting, temperatures,
@@ -18,6 +19,32 @@ import reference
 from csd_kernels import teacher_topk, topk_csd_loss, topk_kl_loss
 from csd_kernels.contract import WEIGHTING_CODES
 from helpers import DEVICE, assert_close, assert_close_lowp
+
+# The compiled CPU student pass (issue 17) runs the cases that reach the student pass differently:
+# row classes, the tail's exactness, NaN and ids >= V, the cross-entropy's label term, layouts, dtypes
+# and the operators. Weightings, temperatures, reductions and the KL kinds only change the dense loss on
+# the coarsened rows, which is the same code whatever the student pass (tested with the other two).
+INDUCTOR_TESTS = {"test_row_classes", "test_student_tail_of_tiny_mass_is_exact",
+                  "test_student_maximum_far_above_the_support",
+                  "test_nan_and_out_of_range_ids_poison_only_their_positions", "test_fused_cross_entropy",
+                  "test_strided_students", "test_student_dtypes", "test_narrow_id_dtypes_with_a_large_vocabulary",
+                  "test_opcheck_topk_ops", "test_compiled_topk_step_matches_eager", "test_labels_mask_reductions"}
+
+
+@pytest.fixture(params=["torch", "triton", "inductor"])
+def backend(request, small_blocks):
+    if request.param == "inductor":
+        from csd_kernels.kernels import inductor_backend
+
+        if request.function.__name__ == "test_no_host_sync":
+            pytest.skip("a CPU-only backend: no device to synchronise with (it reads CPU tensors to pick "
+                        "the rows for its exact pass)")
+        if request.function.__name__ not in INDUCTOR_TESTS:
+            pytest.skip("the student pass is not what this case varies (see INDUCTOR_TESTS)")
+        if DEVICE.type != "cpu" or not inductor_backend.available():
+            pytest.skip("the compiled CPU backend runs on CPU tensors with a C++ compiler")
+    return request.param
+
 
 LEAD = (3, 4)
 VOCAB = 301  # with the small_blocks fixture: three Triton blocks and four torch chunks per row
@@ -433,6 +460,7 @@ def test_compiled_topk_step_matches_eager(backend):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_no_host_sync(backend, monkeypatch, reduction):
     from test_compile import forbid_host_sync
+
 
     student = _student().requires_grad_(True)
     ids, logprobs = _teacher(student, 8, pattern="padded")

@@ -23,10 +23,11 @@ pytestmark = pytest.mark.skipif(not inductor_backend.available(), reason="no C++
 # One pair of temperatures throughout: the backward compiles once per loss spec, so the cases below share
 # the variants of the first test instead of compiling their own.
 TAU = dict(temperature=1.5, teacher_temperature=0.8)
-# The structural classes of the forward (which softmaxes carry weight); st, su and ut differ from ts,
-# us and tu only in the roles of w1 and w2, which the shared `gradient` formula (tested on the chunked
-# backend for every code) and `finalize` take care of.
-WEIGHTINGS = ("ss", "ts", "us", "tt", "uu", "tu")
+# The structural classes of the forward (which softmaxes carry weight: one, two, one with U, U alone);
+# st, su, tt, tu and ut differ from these only in which base leads and in the roles of w1 and w2,
+# which the shared `gradient` formula (tested on the chunked backend for every code) and `finalize`
+# take care of. (Kept to a few: each compiles for seconds.)
+WEIGHTINGS = ("ss", "ts", "us", "uu")
 
 
 def _logits(lead=(3, 4), vocab=301, offset=0.0, dtype=torch.float32):
@@ -76,7 +77,7 @@ def test_kl_matches_the_reference(kind):
     _check(student, teacher, fn=kl_loss, ref=reference.kl_loss, kind=kind, temperature=2.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)  # fp16 loads as bf16 do
 def test_dtypes(dtype):
     student, teacher = _logits(dtype=dtype)
     _check(student, teacher, weighting="ss")

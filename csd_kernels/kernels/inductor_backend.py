@@ -106,7 +106,7 @@ M, CENTRE, Z, S1, S2, COUNT = range(6)  # the per-base columns of `_passes`
 
 
 def _passes_impl(student, teacher, bases, scales, second):
-    """Passes A and B over (N, V) logits -> (N, len(bases), 6): per base (m, c, Z, S1, S2, n), with m
+    """The passes over (N, V) logits -> (N, len(bases), 6): per base (m, c, Z, S1, S2, n), with m
     the maximum of its logits over its entries (0 for U), c its centre, p = exp2((x - m) * scale) (1
     for U) and e = d - c: Z = sum p, S1 = sum p e, S2 = sum p e^2 (0 unless `second`; KL needs none),
     and n its number of entries. Without `second` the centre is the mean of d, taken in the first pass

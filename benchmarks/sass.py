@@ -20,10 +20,11 @@ that needs `w` warp-instructions per element can stream at most
 
 (forward: s and t read, 2 x itemsize; backward: s, t read and the gradient written, 3 x itemsize; the
 top-k student pass (`loss` topk, K = 64 ids a row) reads s alone forward, s and the gradient backward).
-`w` counts the hot path: the vocabulary loop's body without the blocks that a forward branch inside it
-jumps over (Triton's runtime `if`s; here only the first block's shift) times num_warps / BLOCK, plus
-every other instruction of the kernel amortised over the row's columns (finalisation, prologue: a
-conservative count, since it includes the excluded-row path). A kernel measured on an H200 reached about
+`w` counts the hot path: the vocabulary loop's body (a dense forward's statistics loop, the one with
+the exponentials) without the blocks that a forward branch inside it jumps over, times num_warps /
+BLOCK, plus every other instruction of the kernel amortised over the row's columns (the search for the
+first shift, the masked last block, the merge of the lanes, finalisation: a conservative count, since
+it includes the excluded-row path and counts the loop body over the blocks those take too). A kernel measured on an H200 reached about
 70 % of such a bound, so a kernel needs an issue bound of about 1.4x the copy bandwidth to run at the copy
 bandwidth. **These numbers are a static model, not a measurement**; the GPU-validation issue calibrates
 them against measured bandwidth on the same variants.
@@ -310,7 +311,10 @@ def analyse(meta):
         usage = resources(path)
     instructions, labels = parse_sass(text)
     topk = meta["loss"] == "topk"
-    body, rest = hot_path(instructions, labels, marker="DADD" if topk and kind == "forward" else None)
+    # The hot loop: the top-k forward's fp64 sum pass (DADD); a dense forward's statistics loop (its
+    # exponentials), not the short search for a row's first valid block before it.
+    marker = ("DADD" if topk else "MUFU.EX2") if kind in ("forward", "forward-split") else None
+    body, rest = hot_path(instructions, labels, marker=marker)
     warps = options.num_warps
     block = kwargs.get("BLOCK", kwargs.get("BLOCK_P", 1))
     vocab = meta["vocab"]

@@ -60,9 +60,11 @@ def compile_all():
                                ((1, 0, 0), 0, 1), ((1, 1, 0), 1, 0), ((1, 1, 0), 2, 0)):
             flags = dict(zip(("NEED_S", "NEED_T", "NEED_U"), map(bool, need)), LOSS=loss, CE=bool(ce))
             lead = 2 if need == (0, 0, 1) else 1 if (need, loss) == ((1, 1, 0), 0) else 0  # "ts": w1 = T
+            block, warps, sub, lanes, vec = k.forward_config(32000, 2 if dtype == "*bf16" else 4)
+            tile = dict(BLOCK=block, SUB=sub, LANES=lanes, VEC=vec, NATIVE=True, LEAD=lead)
             variants = [
-                (k._fwd_kernel, dict(flags, COMPONENTS=bool(ce), SPLIT=False, BLOCK=4096, LEAD=lead), 8),
-                (k._fwd_kernel, dict(flags, COMPONENTS=bool(ce), SPLIT=True, BLOCK=4096, LEAD=lead), 8),
+                (k._fwd_kernel, dict(flags, **tile, COMPONENTS=bool(ce), SPLIT=False), warps),
+                (k._fwd_kernel, dict(flags, **tile, COMPONENTS=bool(ce), SPLIT=True), warps),
                 (k._merge_kernel, dict(flags, COMPONENTS=bool(ce), BLOCK_P=8), 1),
                 (k._bwd_kernel, dict(flags, SHARDED=bool(ce), BLOCK=4096), 8),
             ]
@@ -72,7 +74,10 @@ def compile_all():
                     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
                 except TypeError:  # Triton < 3.3 calls them `constants`
                     source = ASTSource(fn=kernel, signature=signature, constants=constexprs)
-                binary = triton.compile(source, target=target, options={"num_warps": warps})
+                options = {"num_warps": warps}
+                if kernel is k._fwd_kernel:
+                    options["maxnreg"] = k.FORWARD_MAX_REGISTERS
+                binary = triton.compile(source, target=target, options=options)
                 assert binary.asm["cubin"], f"no cubin for {kernel.fn.__name__}"
                 compiled.append(kernel.fn.__name__)
     print(f"compiled {len(compiled)} kernel variants for sm_90")

@@ -59,66 +59,134 @@ def _row_base(ptr, row, L1, stride_outer, stride_inner):
 
 
 @triton.jit
-def _load_block(s_row, t_row, cols, stop):
+def _load_block(s_row, t_row, cols, stop, MASKED: tl.constexpr, NATIVE: tl.constexpr = False):
     # Upcast right after the load: fp32 arithmetic everywhere (bf16 arithmetic is also wrong under
-    # the interpreter). Out-of-range lanes read -inf, i.e. they look like masked vocabulary.
-    in_range = cols < stop
-    s = tl.load(s_row + cols, mask=in_range, other=float("-inf")).to(tl.float32)
-    t = tl.load(t_row + cols, mask=in_range, other=float("-inf")).to(tl.float32)
-    valid = (s != float("-inf")) & (t != float("-inf"))
-    return s, t, valid
+    # the interpreter). Out-of-range lanes read -inf, i.e. they look like masked vocabulary. Full blocks
+    # (MASKED False) need no range test.
+    if MASKED:
+        in_range = cols < stop
+        s = tl.load(s_row + cols, mask=in_range, other=float("-inf"))
+        t = tl.load(t_row + cols, mask=in_range, other=float("-inf"))
+    else:
+        s = tl.load(s_row + cols)
+        t = tl.load(t_row + cols)
+    # An entry lies in the row unless s or t is -inf (a NaN is kept, so that it propagates): one test of
+    # their minimum, which is exact in any dtype. NATIVE takes it in the logits' own dtype (two bf16
+    # entries per instruction on a GPU); the interpreter cannot take a bf16 minimum.
+    if NATIVE:
+        valid = tl.minimum(s, t) != float("-inf")
+        return s.to(tl.float32), t.to(tl.float32), valid
+    s = s.to(tl.float32)
+    t = t.to(tl.float32)
+    return s, t, tl.minimum(s, t) != float("-inf")
+
+
+# The forward's tile: (SUB, LANES, VEC) entries, lane j owning VEC contiguous entries (16 bytes: one
+# 128-bit load) in each of SUB rows. Both reduced axes lie inside one thread, so a lane's statistics are
+# plain register arithmetic; lanes merge once, after the row (no shared memory or barrier in the loop).
+@triton.jit
+def _lane_sum(x):
+    return tl.sum(tl.sum(x, axis=2), axis=0)
 
 
 @triton.jit
-def _chan_update(mu, m2, z_old, p, dd, mu_block, z_block, z_new, MOMENTS: tl.constexpr):
-    # Fold one block (weights p, mean mu_block, total z_block) into the running mean mu, centred M2 and
-    # total z_old (M2 and z_old already rescaled to the new max): Chan et al.'s pairwise update. The block's own M2 is taken around
-    # its own mean, so neither a far shift nor d drifting along the row makes it cancel (stats.py).
-    delta = mu_block - mu
-    share = tl.where(z_new > 0.0, z_block / tl.where(z_new > 0.0, z_new, 1.0), 0.0)
+def _lane_max(x):
+    return tl.max(tl.max(x, axis=2), axis=0)
+
+
+@triton.jit
+def _per_entry(v):
+    # A lane's value, broadcast over its entries.
+    return v[None, :, None]
+
+
+@triton.jit
+def _fold(mu, m2, z_old, z_tile, mu_tile, m2_tile, MOMENTS: tl.constexpr):
+    # Chan et al.'s pairwise update: a tile (total z_tile, mean mu_tile, M2 around its own mean) into a
+    # lane's running (z_old, mu, m2) (stats.py). Neither a far shift nor drift along the row cancels.
+    z_new = z_old + z_tile
+    share = tl.where(z_new > 0.0, z_tile / tl.where(z_new > 0.0, z_new, 1.0), 0.0)
+    delta = mu_tile - mu
     mu = mu + delta * share
     if MOMENTS >= 2:
-        f = dd - mu_block  # finite everywhere (dd is 0 outside the row), so p = 0 entries add 0
-        m2 = m2 + tl.sum(p * f * f, axis=0) + delta * delta * z_old * share
-    return mu, m2
+        m2 = m2 + m2_tile + delta * delta * z_old * share
+    return z_new, mu, m2
 
 
 @triton.jit
-def _online_moments(x, valid, dd, scale, m, z, mu, m2, MOMENTS: tl.constexpr):
-    # x: raw logits; scale = log2(e) / temperature. MOMENTS: 0 keeps only (m, Z), 1 adds the mean mu,
-    # 2 the centred M2, folded in with Chan's update (stats.py). A row with no valid entry so far keeps
-    # m = -inf; subtract 0 in that case so that -inf - -inf never makes a NaN.
-    x = tl.where(valid, x, float("-inf"))
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+def _softmax_tile(x, dd, scale, m, z, mu, m2, MOMENTS: tl.constexpr, EXACT: tl.constexpr = False):
+    # One tile into each lane's online softmax moments around its raw maximum m (stats.py). x: logits
+    # (-inf outside the row), dd = d - c (0 outside), scale = log2(e) / temperature. An exponent is one
+    # FMA, x * scale - r with r = fl(m * scale) and an exact product; `fix` = 2^(r - m * scale) then
+    # takes the tile's sums to the raw maximum, so weights stay exact near the max at any |x|. EXACT
+    # forms (x - m) * scale instead (one instruction more), which is exactly 0 at the maximum: the
+    # cross-entropy of a one-entry row is then exactly 0.
+    m_new = tl.maximum(m, _lane_max(x))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no entry yet: -inf - -inf
+    if EXACT:
+        p = tl.exp2((x - _per_entry(m_safe)) * scale)
+        fix = 1.0
+    else:
+        r = m_safe * scale
+        p = tl.exp2(tl.fma(x, scale, -_per_entry(r)))
+        fix = tl.exp2(-tl.fma(m_safe, scale, -r))
     alpha = tl.exp2((m - m_safe) * scale)
-    p = tl.exp2((x - m_safe) * scale)  # (x - m) first: exact near the max, whatever |x| is
-    z_block = tl.sum(p, axis=0)
-    z_new = z * alpha + z_block
+    z_raw = _lane_sum(p)
+    mu_tile = mu
+    m2_tile = m2
     if MOMENTS >= 1:
-        mu_block = tl.sum(p * dd, axis=0) / tl.where(z_block > 0.0, z_block, 1.0)
-        mu, m2 = _chan_update(mu, m2 * alpha, z * alpha, p, dd, mu_block, z_block, z_new, MOMENTS)
-    return m_new, z_new, mu, m2
+        mu_tile = _lane_sum(p * dd) / tl.where(z_raw > 0.0, z_raw, 1.0)
+        if MOMENTS >= 2:  # the tile's M2 around its own mean: a second sweep over registers
+            f = dd - _per_entry(mu_tile)
+            m2_tile = _lane_sum(p * f * f) * fix
+    z, mu, m2 = _fold(mu, m2 * alpha, z * alpha, z_raw * fix, mu_tile, m2_tile, MOMENTS)
+    return m_new, z, mu, m2
 
 
 @triton.jit
-def _mass_share(ptr, lanes, scale):
-    # Each partial's share of one softmax's total mass (0 where the base is unused or empty).
-    m_p = tl.load(ptr, mask=lanes, other=float("-inf"))
+def _fold_block(
+    s, t, valid, c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1,
+    s_scale, t_scale, a1_s, a1_t, a1_u,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, CE: tl.constexpr, MOMENTS: tl.constexpr,
+):
+    # One block into every lane's statistics, each lane around its own shift c (stats.py).
+    dd = tl.where(valid, s - t - _per_entry(c), 0.0)
+    if NEED_S:
+        m_s, z_s, mu_s, m2_s = _softmax_tile(tl.where(valid, s, float("-inf")), dd, s_scale, m_s, z_s, mu_s, m2_s,
+                                             MOMENTS)
+    if NEED_T:
+        m_t, z_t, mu_t, m2_t = _softmax_tile(tl.where(valid, t, float("-inf")), dd, t_scale, m_t, z_t, mu_t, m2_t,
+                                             MOMENTS)
+    if NEED_U:  # unit weights; n counts the valid entries
+        n_tile = _lane_sum(valid.to(tl.float32))
+        mu_tile = _lane_sum(dd) / tl.maximum(n_tile, 1.0)
+        f = tl.where(valid, dd - _per_entry(mu_tile), 0.0)
+        n, mu_u, m2_u = _fold(mu_u, m2_u, n, n_tile, mu_tile, _lane_sum(f * f), 2)
+    # Move each lane's shift onto its running E_w1, exactly (TwoSum): the means stay small and precise
+    # even when d drifts along the row.
+    e_lead = _mix(a1_s, a1_t, a1_u, mu_s, mu_t, mu_u, NEED_S, NEED_T, NEED_U)
+    c, residual = _two_sum(c, e_lead)
+    mu_s = (mu_s - e_lead) + residual
+    mu_t = (mu_t - e_lead) + residual
+    mu_u = (mu_u - e_lead) + residual
+    if CE:  # the usual cross-entropy: every finite student entry (-inf weighs 0), temperature 1
+        m_1, z_1, _, _ = _softmax_tile(s, dd, LOG2E, m_1, z_1, z_1, z_1, 0, True)
+    return c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1
+
+
+@triton.jit
+def _mass_share(m_p, z_p, scale):
+    # Each part's (lane's or program's) share of one softmax's total mass (0 where unused or empty).
     m = tl.max(m_p, axis=0)
-    w = tl.exp2((m_p - tl.where(m == float("-inf"), 0.0, m)) * scale) * tl.load(ptr + 1, mask=lanes, other=0.0)
+    w = tl.exp2((m_p - tl.where(m == float("-inf"), 0.0, m)) * scale) * z_p
     total = tl.sum(w, axis=0)
     return tl.where(total > 0.0, w / tl.where(total > 0.0, total, 1.0), 0.0)
 
 
 @triton.jit
-def _merge_moments(ptr, lanes, delta, scale):
+def _merge_moments(m_p, z_p, mu_p, m2_p, delta, scale):
     # Chan's parallel merge of P partial (m, Z, mu, M2), each around its own shift c_p, into one around
     # the row's shift c (delta = c_p - c).
-    m_p = tl.load(ptr, mask=lanes, other=float("-inf"))
-    z_p = tl.load(ptr + 1, mask=lanes, other=0.0)
-    mu_p = tl.load(ptr + 2, mask=lanes, other=0.0)
-    m2_p = tl.load(ptr + 3, mask=lanes, other=0.0)
     m = tl.max(m_p, axis=0)
     a = tl.exp2((m_p - tl.where(m == float("-inf"), 0.0, m)) * scale)
     w = a * z_p
@@ -127,6 +195,29 @@ def _merge_moments(ptr, lanes, delta, scale):
     mu = tl.where(z > 0.0, tl.sum(w * x, axis=0) / tl.where(z > 0.0, z, 1.0), 0.0)
     m2 = tl.sum(a * m2_p + w * (x - mu) * (x - mu), axis=0)
     return m, z, mu, m2
+
+
+@triton.jit
+def _merge_parts(
+    c_p, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n_p, mu_u, m2_u, m_1, z_1, index,
+    s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr,
+):
+    # P parts of one row (the lanes of a program, or the programs of a split row), each around its own
+    # shift c_p, merged in a fixed order around the shift of the part holding most of w1's mass (each
+    # part's shift sits on its own E_w1), so that the merged means stay small where they must be precise.
+    n = tl.sum(n_p, axis=0)
+    lead = _mix(a1_s, a1_t, a1_u, _mass_share(m_s, z_s, s_scale), _mass_share(m_t, z_t, t_scale),
+                n_p / tl.maximum(n, 1.0), NEED_S, NEED_T, NEED_U)
+    first = tl.argmax(lead, axis=0)
+    shift = tl.sum(tl.where(index == first, c_p, 0.0), axis=0)
+    delta = c_p - shift
+    x_u = mu_u + delta
+    mu_u = tl.sum(n_p * x_u, axis=0) / tl.maximum(n, 1.0)
+    m2_u = tl.sum(m2_u + n_p * (x_u - mu_u) * (x_u - mu_u), axis=0)
+    m_s, z_s, mu_s, m2_s = _merge_moments(m_s, z_s, mu_s, m2_s, delta, s_scale)
+    m_t, z_t, mu_t, m2_t = _merge_moments(m_t, z_t, mu_t, m2_t, delta, t_scale)
+    m_1, z_1, _, _ = _merge_moments(m_1, z_1, z_1, z_1, delta, LOG2E)
+    return shift, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1
 
 
 @triton.jit
@@ -139,15 +230,16 @@ def _two_sum(a, b):
 
 
 @triton.jit
-def _first_shift(s, t, valid, lanes, count, LEAD: tl.constexpr):
+def _first_shift(s, t, valid, count, LEAD: tl.constexpr):
     # The first shift c of a row (stats.py): d at the mode of w1's lead base (S: the largest s, T: the
-    # largest t), or for U the mean of the valid d. Near E_w1, so the first block's mean is precise.
+    # largest t; the largest such d on a tie), or for U the mean of the valid d. Near E_w1, so the first
+    # block's means are precise. One block-wide reduction per row.
     d = tl.where(valid, s - t, 0.0)
     if LEAD == 2:
-        return tl.sum(d, axis=0) / tl.maximum(count, 1.0)
+        return tl.sum(_lane_sum(d), axis=0) / tl.maximum(count, 1.0)
     x = tl.where(valid, s if LEAD == 0 else t, float("-inf"))
-    mode = tl.argmax(x, axis=0)
-    return tl.sum(tl.where(lanes == mode, d, 0.0), axis=0)
+    mode = tl.max(_lane_max(x), axis=0)
+    return tl.max(_lane_max(tl.where(x == mode, d, float("-inf"))), axis=0)
 
 
 @triton.jit
@@ -254,7 +346,8 @@ def _fwd_kernel(
     a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
     CE: tl.constexpr, COMPONENTS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-    LEAD: tl.constexpr,
+    LEAD: tl.constexpr, SUB: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, NATIVE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
@@ -267,40 +360,51 @@ def _fwd_kernel(
     t_row = _row_base(t_ptr, row, L1, t_so, t_si)
     start = part * cols_per_program
     stop = tl.minimum(start + cols_per_program, V)
-    lanes = tl.arange(0, BLOCK)
+    lane = tl.arange(0, LANES)
+    if ALIGNED:  # lane j's VEC entries are contiguous: one 128-bit load each
+        offs = (tl.arange(0, SUB) * (LANES * VEC))[:, None, None] + (lane * VEC)[None, :, None] \
+            + tl.arange(0, VEC)[None, None, :]
+    else:  # rows not 16-byte aligned (V = 50257) load entry by entry: keep lanes adjacent, so that the
+        # compiler still gives each thread one lane (its loads coalesce across the warp)
+        offs = (tl.arange(0, SUB) * (LANES * VEC))[:, None, None] + lane[None, :, None] \
+            + (tl.arange(0, VEC) * LANES)[None, None, :]
 
-    zero = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)  # an fp32 scalar for loop-carried values
-    shift, n = zero, zero
+    zero = _lane_sum(tl.zeros([SUB, LANES, VEC], tl.float32))  # per-lane fp32, in the tile's reduced layout
+    c = zero
     m_s, z_s, mu_s, m2_s = zero - float("inf"), zero, zero, zero
     m_t, z_t, mu_t, m2_t = zero - float("inf"), zero, zero, zero
     m_1, z_1 = zero - float("inf"), zero
-    mu_u, m2_u = zero, zero
+    n, mu_u, m2_u = zero, zero, zero
     MOMENTS: tl.constexpr = 2 if LOSS == 0 else 1  # the KL divergences need no second moment
-    for block_start in range(start, stop, BLOCK):
-        s, t, valid = _load_block(s_row, t_row, block_start + lanes, stop)
-        block_n = tl.sum(valid.to(tl.float32), axis=0)
-        if n == 0.0:  # nothing accumulated yet: the shift c comes from this block's valid entries
-            shift = _first_shift(s, t, valid, lanes, block_n, LEAD)
-        dd = tl.where(valid, s - t - shift, 0.0)
-        n_new = n + block_n
-        if NEED_S:
-            m_s, z_s, mu_s, m2_s = _online_moments(s, valid, dd, s_scale, m_s, z_s, mu_s, m2_s, MOMENTS)
-        if NEED_T:
-            m_t, z_t, mu_t, m2_t = _online_moments(t, valid, dd, t_scale, m_t, z_t, mu_t, m2_t, MOMENTS)
-        if NEED_U:  # Chan's update with unit weights
-            ones = valid.to(tl.float32)
-            mu_block = tl.sum(dd, axis=0) / tl.maximum(block_n, 1.0)
-            mu_u, m2_u = _chan_update(mu_u, m2_u, n, ones, dd, mu_block, block_n, n_new, 2)
-        n = n_new
-        # Move the shift onto the running E_w1, exactly (stats.py): the means stay small and precise
-        # even when d drifts along the row.
-        e_lead = _mix(a1_s, a1_t, a1_u, mu_s, mu_t, mu_u, NEED_S, NEED_T, NEED_U)
-        shift, residual = _two_sum(shift, e_lead)
-        mu_s = (mu_s - e_lead) + residual
-        mu_t = (mu_t - e_lead) + residual
-        mu_u = (mu_u - e_lead) + residual
-        if CE:  # the usual cross-entropy: every finite student entry, temperature 1
-            m_1, z_1, _, _ = _online_moments(s, s != float("-inf"), dd, LOG2E, m_1, z_1, zero, zero, 0)
+    # The first block with a valid entry gives every lane its first shift c (stats.py); blocks before it
+    # (a leading run of -inf) hold nothing. Usually one pass of this loop: a read of one block that the
+    # statistics loop below reads again from cache.
+    first = 0
+    count = tl.full([], 0.0, tl.float32)
+    while (count == 0.0) & (start + first * BLOCK < stop):
+        s, t, valid = _load_block(s_row, t_row, start + first * BLOCK + offs, stop, True, NATIVE)
+        count = tl.sum(_lane_sum(valid.to(tl.float32)), axis=0)
+        c = zero + _first_shift(s, t, valid, count, LEAD)
+        first += 1
+    # Whole blocks without a range mask, then the partial last block with one.
+    full = (stop - start) // BLOCK
+    for j in range(tl.maximum(first - 1, 0), full):
+        s, t, valid = _load_block(s_row, t_row, start + j * BLOCK + offs, stop, False, NATIVE)
+        c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _fold_block(
+            s, t, valid, c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1,
+            s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE, MOMENTS)
+    if start + full * BLOCK < stop:
+        s, t, valid = _load_block(s_row, t_row, start + full * BLOCK + offs, stop, True, NATIVE)
+        c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _fold_block(
+            s, t, valid, c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1,
+            s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE, MOMENTS)
+
+    # The lanes merge once, in a fixed order.
+    shift, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _merge_parts(
+        c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1, lane,
+        s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U)
+    if not NEED_U:  # no count kept: n only tells an empty range (0) from one with entries (1; NaN is one)
+        n = tl.where((z_s if NEED_S else z_t) == 0.0, 0.0, 1.0)
 
     if SPLIT:
         out = part_ptr + (row * tl.num_programs(1) + part) * PARTIAL
@@ -328,6 +432,11 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _column(parts, k, lanes, other):
+    return tl.load(parts + k, mask=lanes, other=other)
+
+
+@triton.jit
 def _merge_kernel(
     part_ptr, s_ptr, labels_ptr, active_ptr, loss_ptr, comp_ptr, stats_ptr,
     N, V, L1, s_so, s_si, P,
@@ -339,24 +448,18 @@ def _merge_kernel(
     if tl.load(active_ptr + row) == 0:
         _store_excluded_row(row, N, loss_ptr, comp_ptr, COMPONENTS)
         return
-    lanes = tl.arange(0, BLOCK_P) < P
-    parts = part_ptr + row * P * PARTIAL + tl.arange(0, BLOCK_P) * PARTIAL
-    # The row's shift: that of the partial holding most of w1's mass (each partial's shift sits on its
-    # own E_w1), so that the merged means stay small where they must be precise (stats.py).
-    c_p = tl.load(parts, mask=lanes, other=0.0)
-    n_p = tl.load(parts + 9, mask=lanes, other=0.0)
-    n = tl.sum(n_p, axis=0)
-    lead = _mix(a1_s, a1_t, a1_u, _mass_share(parts + 1, lanes, s_scale),
-                _mass_share(parts + 5, lanes, t_scale), n_p / tl.maximum(n, 1.0), NEED_S, NEED_T, NEED_U)
-    first = tl.argmax(tl.where(lanes, lead, -1.0), axis=0)
-    shift = tl.sum(tl.where(tl.arange(0, BLOCK_P) == first, c_p, 0.0), axis=0)
-    delta = c_p - shift
-    x_u = tl.load(parts + 10, mask=lanes, other=0.0) + delta
-    mu_u = tl.sum(n_p * x_u, axis=0) / tl.maximum(n, 1.0)
-    m2_u = tl.sum(tl.load(parts + 11, mask=lanes, other=0.0) + n_p * (x_u - mu_u) * (x_u - mu_u), axis=0)
-    m_s, z_s, mu_s, m2_s = _merge_moments(parts + 1, lanes, delta, s_scale)
-    m_t, z_t, mu_t, m2_t = _merge_moments(parts + 5, lanes, delta, t_scale)
-    m_1, z_1, _, _ = _merge_moments(parts + 12, lanes, delta, LOG2E)  # reads the label slots as mu, M2: unused
+    index = tl.arange(0, BLOCK_P)
+    lanes = index < P
+    parts = part_ptr + row * P * PARTIAL + index * PARTIAL
+    # The columns of stats.P_*; a missing partial reads as an empty one.
+    empty = float("-inf")
+    shift, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _merge_parts(
+        _column(parts, 0, lanes, 0.0), _column(parts, 1, lanes, empty), _column(parts, 2, lanes, 0.0),
+        _column(parts, 3, lanes, 0.0), _column(parts, 4, lanes, 0.0), _column(parts, 5, lanes, empty),
+        _column(parts, 6, lanes, 0.0), _column(parts, 7, lanes, 0.0), _column(parts, 8, lanes, 0.0),
+        _column(parts, 9, lanes, 0.0), _column(parts, 10, lanes, 0.0), _column(parts, 11, lanes, 0.0),
+        _column(parts, 12, lanes, empty), _column(parts, 13, lanes, 0.0), index,
+        s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U)
     _finalize(
         row, N, V, _row_base(s_ptr, row, L1, s_so, s_si), labels_ptr, loss_ptr, comp_ptr, stats_ptr,
         shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
@@ -398,7 +501,7 @@ def _bwd_kernel(
     upstream = tl.load(grow_ptr + row * grow_stride).to(tl.float32)
 
     s, t, valid = _load_block(
-        _row_base(s_ptr, row, L1, s_so, s_si), _row_base(t_ptr, row, L1, t_so, t_si), cols, V
+        _row_base(s_ptr, row, L1, s_so, s_si), _row_base(t_ptr, row, L1, t_so, t_si), cols, V, True
     )
     dd = s - t - shift
     # (x - m) first, then the scale: exact exponents near the max at any |x| (stats.py)
@@ -433,6 +536,10 @@ def _bwd_kernel(
 # short rows. The GPU-validation issue sweeps BLOCK and num_warps and replaces this comment with the
 # measured table.
 MAX_BLOCK = 4096
+FORWARD_WARPS = 2
+FORWARD_SUB = 2
+# ptxas otherwise spills a register or two of the two-softmax forwards at about 80 registers.
+FORWARD_MAX_REGISTERS = 168
 # Grid target when splitting rows: enough programs to give every SM several resident programs.
 PROGRAMS_PER_SM = 4
 
@@ -441,6 +548,20 @@ def block_config(vocab: int) -> Tuple[int, int]:
     """(BLOCK, num_warps) for a row of `vocab` entries, used by both the forward and the backward."""
     block = min(MAX_BLOCK, triton.next_power_of_2(max(vocab, 16)))
     return block, 8 if block >= 2048 else 4
+
+
+def forward_config(vocab: int, itemsize: int) -> Tuple[int, int, int, int, int]:
+    """(BLOCK, num_warps, SUB, LANES, VEC) of the forward for rows of `vocab` entries of `itemsize` bytes.
+
+    The forward's (SUB, LANES, VEC) tile: VEC entries of 16 bytes (one 128-bit load) per lane and row of
+    the tile, one lane per thread, FORWARD_SUB rows. Its per-row work (the search for the first shift,
+    the masked last block, the merge of the lanes) is paid once per row by each thread, so a row gets
+    few threads (FORWARD_WARPS); a GPU holds enough such rows at once to keep its loads in flight."""
+    vec = max(1, 16 // itemsize)
+    block = min(MAX_BLOCK, FORWARD_SUB * 32 * FORWARD_WARPS * vec, triton.next_power_of_2(max(vocab, 16)))
+    lanes = min(32 * FORWARD_WARPS, max(1, block // vec))
+    vec = min(vec, block)
+    return block, FORWARD_WARPS, max(1, block // (lanes * vec)), lanes, vec
 
 
 @functools.lru_cache(maxsize=None)
@@ -507,6 +628,15 @@ def _per_row(x: torch.Tensor, n_rows: int) -> torch.Tensor:
     return x.reshape(n_rows).contiguous()
 
 
+def _aligned(tensors, strides) -> bool:
+    """Whether every row starts 16-byte aligned as Triton's launch specialisation can prove it (16-byte
+    aligned pointers, strides divisible by 16), i.e. whether the logits move in 128-bit loads."""
+    def address(x):
+        return x.storage_offset() * x.element_size() if x.is_meta else x.data_ptr()
+
+    return all(address(x) % 16 == 0 for x in tensors) and all(k % 16 == 0 for k in strides)
+
+
 def _launch_constants(spec: LossSpec):
     return (
         LOG2E.value / spec.temperature,
@@ -536,7 +666,7 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
     if n_rows == 0:
         return total, parts, stats
     (s, t), l1, ((s_so, s_si), (t_so, t_si)) = _rows(student, teacher)
-    block, num_warps = block_config(vocab)
+    block, num_warps, sub, lanes, vec = forward_config(vocab, student.element_size())
     cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
     active = _per_row(active, n_rows)
     # The labels are read only where a row is finalised; a placeholder pointer otherwise.
@@ -547,8 +677,9 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
         n_rows, vocab, l1, cols_per_program,
         s_so, s_si, t_so, t_si,
         *_launch_constants(spec),
-        SPLIT=partials is not None, BLOCK=block, num_warps=num_warps, COMPONENTS=components,
-        LEAD=spec.lead_base, **_flags(spec),
+        SPLIT=partials is not None, BLOCK=block, num_warps=num_warps, maxnreg=FORWARD_MAX_REGISTERS, COMPONENTS=components,
+        LEAD=spec.lead_base, SUB=sub, LANES=lanes, VEC=vec, NATIVE=student.device.type != "cpu",
+        ALIGNED=_aligned((s, t), (s_so, s_si, t_so, t_si)), **_flags(spec),
     )
     return total, parts, stats
 
@@ -598,7 +729,7 @@ def forward(
     `total` is csd_weight * loss + ce_weight * CE, 0 at excluded positions. `splits` overrides the
     programs-per-row heuristic (tests use it)."""
     vocab, n_rows = student.shape[-1], active.numel()
-    block, _ = block_config(vocab)
+    block = forward_config(vocab, student.element_size())[0]
     programs = split_count(n_rows, vocab, block, student.device) if splits is None else splits
     if programs == 1:  # one program per row finalises its own row: a single kernel
         return _launch_forward(student, teacher, active, labels, spec, components, 1, None)

@@ -139,8 +139,9 @@ def _record_topk_launches(ce, dtype, vocab, rows):
     return [(roles[fn.__name__], fn, grid, args, kwargs) for fn, grid, args, kwargs in launches]
 
 
-def record_launches(loss, weighting, ce, dtype_name, vocab, rows=8192, split_rows=16, programs=8):
-    """Run the launchers on meta tensors; return [(role, JITFunction, grid, args, kwargs)]."""
+def record_launches(loss, weighting, ce, dtype_name, vocab, rows=8192, split_rows=16, sms=132):
+    """Run the launchers on meta tensors; return [(role, JITFunction, grid, args, kwargs)]. The split
+    forward is what the launcher picks for `split_rows` rows on a GPU of `sms` SMs."""
     import torch
 
     if loss == "topk":
@@ -152,13 +153,14 @@ def record_launches(loss, weighting, ce, dtype_name, vocab, rows=8192, split_row
     dtype = getattr(torch, dtype_name)
     spec = _spec(loss, weighting, ce)
     out = []
-    originals = {name: getattr(tb, name) for name in ("_fwd_kernel", "_merge_kernel", "_bwd_kernel")}
+    originals = {name: getattr(tb, name) for name in ("_fwd_kernel", "_merge_kernel", "_bwd_kernel", "_num_sms")}
     try:
-        for role, n_rows, splits in (("forward", rows, 1), ("forward-split", split_rows, programs),
+        tb._num_sms = lambda device: sms
+        for role, n_rows, splits in (("forward", rows, 1), ("forward-split", split_rows, None),
                                      ("backward", rows, None)):
             launches = []
-            for name, fn in originals.items():
-                setattr(tb, name, _Recorder(fn, launches))
+            for name in ("_fwd_kernel", "_merge_kernel", "_bwd_kernel"):
+                setattr(tb, name, _Recorder(originals[name], launches))
             s = torch.empty(n_rows, vocab, dtype=dtype, device="meta")
             t = torch.empty(n_rows, vocab, dtype=dtype, device="meta")
             active = torch.ones(n_rows, dtype=torch.bool, device="meta")

@@ -530,18 +530,21 @@ def _bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
-# Block-size heuristic (one place). Not yet measured on a GPU: chosen so that each iteration of a
-# program moves at least 16 KiB (4096 bf16 elements of s and t) to keep enough loads in flight to hide
-# DRAM latency on H100/H200-class GPUs, with 8 warps (16 elements per thread) for full blocks and 4 for
-# short rows. The GPU-validation issue sweeps BLOCK and num_warps and replaces this comment with the
-# measured table.
+# Block-size heuristic (one place). Not yet measured on a GPU. The backward: one block of up to 4096
+# entries per program, 8 warps (16 entries per thread), 4 warps for short rows. The forward (see
+# forward_config): 2 warps a row, each thread streaming 16 entries (two 128-bit loads of s and of t) per
+# block, so that the per-row work (first shift, masked last block, merge of the lanes: about a thousand
+# instructions per thread) costs little per entry; a split row's program streams at least
+# MIN_SPLIT_BLOCKS blocks for the same reason. The GPU-validation issue sweeps these and replaces this
+# comment with the measured table.
 MAX_BLOCK = 4096
 FORWARD_WARPS = 2
 FORWARD_SUB = 2
 # ptxas otherwise spills a register or two of the two-softmax forwards at about 80 registers.
 FORWARD_MAX_REGISTERS = 168
 # Grid target when splitting rows: enough programs to give every SM several resident programs.
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 8
+MIN_SPLIT_BLOCKS = 16
 
 
 def block_config(vocab: int) -> Tuple[int, int]:
@@ -577,7 +580,7 @@ def split_count(n_rows: int, vocab: int, block: int, device: torch.device) -> in
     target = PROGRAMS_PER_SM * _num_sms(device)
     if n_rows >= target:
         return 1
-    wanted = min(blocks, triton.cdiv(target, max(n_rows, 1)))
+    wanted = min(triton.cdiv(blocks, MIN_SPLIT_BLOCKS), triton.cdiv(target, max(n_rows, 1)))
     # Give every program the same whole number of blocks, and no program an empty range.
     return triton.cdiv(blocks, triton.cdiv(blocks, wanted))
 

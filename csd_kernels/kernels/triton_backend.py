@@ -82,24 +82,11 @@ def _load_block(s_row, t_row, cols, stop, MASKED: tl.constexpr, NATIVE: tl.const
 
 
 # The forward's tile: (SUB, LANES, VEC) entries, lane j owning VEC contiguous entries (16 bytes: one
-# 128-bit load) in each of SUB rows. Both reduced axes lie inside one thread, so a lane's statistics are
-# plain register arithmetic; lanes merge once, after the row (no shared memory or barrier in the loop).
-@triton.jit
-def _lane_sum(x):
-    return tl.sum(tl.sum(x, axis=2), axis=0)
-
-
-@triton.jit
-def _lane_max(x):
-    return tl.max(tl.max(x, axis=2), axis=0)
-
-
-@triton.jit
-def _per_entry(v):
-    # A lane's value, broadcast over its entries.
-    return v[None, :, None]
-
-
+# 128-bit load) in each of SUB rows. Both reduced axes (0 and 2) lie inside one thread, so a lane's
+# statistics, tl.sum(tl.sum(x, axis=2), axis=0), are plain register arithmetic, and v[None, :, None]
+# broadcasts a lane's value over its entries; lanes merge once, after the row (no shared memory or
+# barrier in the loop). These are written out rather than wrapped in helpers because the interpreter
+# pays about 0.3 ms for every call of a jit function.
 @triton.jit
 def _fold(mu, m2, z_old, z_tile, mu_tile, m2_tile, MOMENTS: tl.constexpr):
     # Chan et al.'s pairwise update: a tile (total z_tile, mean mu_tile, M2 around its own mean) into a
@@ -121,24 +108,24 @@ def _softmax_tile(x, dd, scale, m, z, mu, m2, MOMENTS: tl.constexpr, EXACT: tl.c
     # takes the tile's sums to the raw maximum, so weights stay exact near the max at any |x|. EXACT
     # forms (x - m) * scale instead (one instruction more), which is exactly 0 at the maximum: the
     # cross-entropy of a one-entry row is then exactly 0.
-    m_new = tl.maximum(m, _lane_max(x))
+    m_new = tl.maximum(m, tl.max(tl.max(x, axis=2), axis=0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no entry yet: -inf - -inf
     if EXACT:
-        p = tl.exp2((x - _per_entry(m_safe)) * scale)
+        p = tl.exp2((x - m_safe[None, :, None]) * scale)
         fix = 1.0
     else:
         r = m_safe * scale
-        p = tl.exp2(tl.fma(x, scale, -_per_entry(r)))
+        p = tl.exp2(tl.fma(x, scale, -r[None, :, None]))
         fix = tl.exp2(-tl.fma(m_safe, scale, -r))
     alpha = tl.exp2((m - m_safe) * scale)
-    z_raw = _lane_sum(p)
+    z_raw = tl.sum(tl.sum(p, axis=2), axis=0)
     mu_tile = mu
     m2_tile = m2
     if MOMENTS >= 1:
-        mu_tile = _lane_sum(p * dd) / tl.where(z_raw > 0.0, z_raw, 1.0)
+        mu_tile = tl.sum(tl.sum(p * dd, axis=2), axis=0) / tl.where(z_raw > 0.0, z_raw, 1.0)
         if MOMENTS >= 2:  # the tile's M2 around its own mean: a second sweep over registers
-            f = dd - _per_entry(mu_tile)
-            m2_tile = _lane_sum(p * f * f) * fix
+            f = dd - mu_tile[None, :, None]
+            m2_tile = tl.sum(tl.sum(p * f * f, axis=2), axis=0) * fix
     z, mu, m2 = _fold(mu, m2 * alpha, z * alpha, z_raw * fix, mu_tile, m2_tile, MOMENTS)
     return m_new, z, mu, m2
 
@@ -150,7 +137,7 @@ def _fold_block(
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, CE: tl.constexpr, MOMENTS: tl.constexpr,
 ):
     # One block into every lane's statistics, each lane around its own shift c (stats.py).
-    dd = tl.where(valid, s - t - _per_entry(c), 0.0)
+    dd = tl.where(valid, s - t - c[None, :, None], 0.0)
     if NEED_S:
         m_s, z_s, mu_s, m2_s = _softmax_tile(tl.where(valid, s, float("-inf")), dd, s_scale, m_s, z_s, mu_s, m2_s,
                                              MOMENTS)
@@ -158,10 +145,10 @@ def _fold_block(
         m_t, z_t, mu_t, m2_t = _softmax_tile(tl.where(valid, t, float("-inf")), dd, t_scale, m_t, z_t, mu_t, m2_t,
                                              MOMENTS)
     if NEED_U:  # unit weights; n counts the valid entries
-        n_tile = _lane_sum(valid.to(tl.float32))
-        mu_tile = _lane_sum(dd) / tl.maximum(n_tile, 1.0)
-        f = tl.where(valid, dd - _per_entry(mu_tile), 0.0)
-        n, mu_u, m2_u = _fold(mu_u, m2_u, n, n_tile, mu_tile, _lane_sum(f * f), 2)
+        n_tile = tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=0)
+        mu_tile = tl.sum(tl.sum(dd, axis=2), axis=0) / tl.maximum(n_tile, 1.0)
+        f = tl.where(valid, dd - mu_tile[None, :, None], 0.0)
+        n, mu_u, m2_u = _fold(mu_u, m2_u, n, n_tile, mu_tile, tl.sum(tl.sum(f * f, axis=2), axis=0), 2)
     # Move each lane's shift onto its running E_w1, exactly (TwoSum): the means stay small and precise
     # even when d drifts along the row.
     e_lead = _mix(a1_s, a1_t, a1_u, mu_s, mu_t, mu_u, NEED_S, NEED_T, NEED_U)
@@ -201,22 +188,38 @@ def _merge_moments(m_p, z_p, mu_p, m2_p, delta, scale):
 def _merge_parts(
     c_p, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n_p, mu_u, m2_u, m_1, z_1, index,
     s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr,
+    CE: tl.constexpr,
 ):
     # P parts of one row (the lanes of a program, or the programs of a split row), each around its own
     # shift c_p, merged in a fixed order around the shift of the part holding most of w1's mass (each
     # part's shift sits on its own E_w1), so that the merged means stay small where they must be precise.
+    # An unused base's placeholders are reduced to scalars without a call.
     n = tl.sum(n_p, axis=0)
-    lead = _mix(a1_s, a1_t, a1_u, _mass_share(m_s, z_s, s_scale), _mass_share(m_t, z_t, t_scale),
-                n_p / tl.maximum(n, 1.0), NEED_S, NEED_T, NEED_U)
+    share_s = n_p
+    share_t = n_p
+    if NEED_S:
+        share_s = _mass_share(m_s, z_s, s_scale)
+    if NEED_T:
+        share_t = _mass_share(m_t, z_t, t_scale)
+    lead = _mix(a1_s, a1_t, a1_u, share_s, share_t, n_p / tl.maximum(n, 1.0), NEED_S, NEED_T, NEED_U)
     first = tl.argmax(lead, axis=0)
     shift = tl.sum(tl.where(index == first, c_p, 0.0), axis=0)
     delta = c_p - shift
     x_u = mu_u + delta
     mu_u = tl.sum(n_p * x_u, axis=0) / tl.maximum(n, 1.0)
     m2_u = tl.sum(m2_u + n_p * (x_u - mu_u) * (x_u - mu_u), axis=0)
-    m_s, z_s, mu_s, m2_s = _merge_moments(m_s, z_s, mu_s, m2_s, delta, s_scale)
-    m_t, z_t, mu_t, m2_t = _merge_moments(m_t, z_t, mu_t, m2_t, delta, t_scale)
-    m_1, z_1, _, _ = _merge_moments(m_1, z_1, z_1, z_1, delta, LOG2E)
+    if NEED_S:
+        m_s, z_s, mu_s, m2_s = _merge_moments(m_s, z_s, mu_s, m2_s, delta, s_scale)
+    else:
+        m_s, z_s, mu_s, m2_s = tl.max(m_s, axis=0), tl.sum(z_s, axis=0), tl.sum(mu_s, axis=0), tl.sum(m2_s, axis=0)
+    if NEED_T:
+        m_t, z_t, mu_t, m2_t = _merge_moments(m_t, z_t, mu_t, m2_t, delta, t_scale)
+    else:
+        m_t, z_t, mu_t, m2_t = tl.max(m_t, axis=0), tl.sum(z_t, axis=0), tl.sum(mu_t, axis=0), tl.sum(m2_t, axis=0)
+    if CE:
+        m_1, z_1, _, _ = _merge_moments(m_1, z_1, z_1, z_1, delta, LOG2E)
+    else:
+        m_1, z_1 = tl.max(m_1, axis=0), tl.sum(z_1, axis=0)
     return shift, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1
 
 
@@ -236,10 +239,10 @@ def _first_shift(s, t, valid, count, LEAD: tl.constexpr):
     # block's means are precise. One block-wide reduction per row.
     d = tl.where(valid, s - t, 0.0)
     if LEAD == 2:
-        return tl.sum(_lane_sum(d), axis=0) / tl.maximum(count, 1.0)
+        return tl.sum(tl.sum(tl.sum(d, axis=2), axis=0), axis=0) / tl.maximum(count, 1.0)
     x = tl.where(valid, s if LEAD == 0 else t, float("-inf"))
-    mode = tl.max(_lane_max(x), axis=0)
-    return tl.max(_lane_max(tl.where(x == mode, d, float("-inf"))), axis=0)
+    mode = tl.max(tl.max(tl.max(x, axis=2), axis=0), axis=0)
+    return tl.max(tl.max(tl.max(tl.where(x == mode, d, float("-inf")), axis=2), axis=0), axis=0)
 
 
 @triton.jit
@@ -369,7 +372,7 @@ def _fwd_kernel(
         offs = (tl.arange(0, SUB) * (LANES * VEC))[:, None, None] + lane[None, :, None] \
             + (tl.arange(0, VEC) * LANES)[None, None, :]
 
-    zero = _lane_sum(tl.zeros([SUB, LANES, VEC], tl.float32))  # per-lane fp32, in the tile's reduced layout
+    zero = tl.sum(tl.sum(tl.zeros([SUB, LANES, VEC], tl.float32), axis=2), axis=0)  # per-lane fp32, in the tile's reduced layout
     c = zero
     m_s, z_s, mu_s, m2_s = zero - float("inf"), zero, zero, zero
     m_t, z_t, mu_t, m2_t = zero - float("inf"), zero, zero, zero
@@ -383,7 +386,7 @@ def _fwd_kernel(
     count = tl.full([], 0.0, tl.float32)
     while (count == 0.0) & (start + first * BLOCK < stop):
         s, t, valid = _load_block(s_row, t_row, start + first * BLOCK + offs, stop, True, NATIVE)
-        count = tl.sum(_lane_sum(valid.to(tl.float32)), axis=0)
+        count = tl.sum(tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=0), axis=0)
         c = zero + _first_shift(s, t, valid, count, LEAD)
         first += 1
     # Whole blocks without a range mask, then the partial last block with one.
@@ -402,7 +405,7 @@ def _fwd_kernel(
     # The lanes merge once, in a fixed order.
     shift, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _merge_parts(
         c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1, lane,
-        s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U)
+        s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE)
     if not NEED_U:  # no count kept: n only tells an empty range (0) from one with entries (1; NaN is one)
         n = tl.where((z_s if NEED_S else z_t) == 0.0, 0.0, 1.0)
 
@@ -459,7 +462,7 @@ def _merge_kernel(
         _column(parts, 6, lanes, 0.0), _column(parts, 7, lanes, 0.0), _column(parts, 8, lanes, 0.0),
         _column(parts, 9, lanes, 0.0), _column(parts, 10, lanes, 0.0), _column(parts, 11, lanes, 0.0),
         _column(parts, 12, lanes, empty), _column(parts, 13, lanes, 0.0), index,
-        s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U)
+        s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE)
     _finalize(
         row, N, V, _row_base(s_ptr, row, L1, s_so, s_si), labels_ptr, loss_ptr, comp_ptr, stats_ptr,
         shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,

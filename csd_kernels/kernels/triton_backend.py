@@ -6,8 +6,11 @@ and KL(S||T) as functions of them) is derived in `stats.py`. The constexpr LOSS 
 hard-label cross-entropy (one more running log-sum-exp, one load of s[label] per row). Here:
 
     forward   grid (N, P): program (row, p) streams columns [p * cols, (p + 1) * cols) of one row in
-              BLOCK-wide chunks and keeps online softmax moments for S and/or T and plain moments for U.
-              P == 1 (many rows): the program finalises the row itself (loss + 10 statistics).
+              BLOCK-wide chunks, each a (SUB, LANES, VEC) tile of which every thread (lane) owns 16-byte
+              runs. Each lane keeps its own online softmax moments for S and/or T and plain moments for
+              U, around its own shift, in registers; the lanes merge once after the row (no shared
+              memory or barrier in the loop). P == 1 (many rows): the program finalises the row itself
+              (loss + 10 statistics).
               P > 1 (few rows, long vocabulary): it writes 14 partial statistics and `_merge_kernel`
               (grid (N,)) merges the P partials of each row. Deterministic: fixed merge order, no atomics.
     backward  grid (N, cdiv(V, BLOCK)): each program recomputes S(k), T(k), U(k) for one block from the
@@ -372,7 +375,8 @@ def _fwd_kernel(
         offs = (tl.arange(0, SUB) * (LANES * VEC))[:, None, None] + lane[None, :, None] \
             + (tl.arange(0, VEC) * LANES)[None, None, :]
 
-    zero = tl.sum(tl.sum(tl.zeros([SUB, LANES, VEC], tl.float32), axis=2), axis=0)  # per-lane fp32, in the tile's reduced layout
+    # per-lane fp32 zeros, in the layout of the tile's lane reductions
+    zero = tl.sum(tl.sum(tl.zeros([SUB, LANES, VEC], tl.float32), axis=2), axis=0)
     c = zero
     m_s, z_s, mu_s, m2_s = zero - float("inf"), zero, zero, zero
     m_t, z_t, mu_t, m2_t = zero - float("inf"), zero, zero, zero
@@ -683,7 +687,8 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
         n_rows, vocab, l1, cols_per_program,
         s_so, s_si, t_so, t_si,
         *_launch_constants(spec),
-        SPLIT=partials is not None, BLOCK=block, num_warps=num_warps, maxnreg=FORWARD_MAX_REGISTERS, COMPONENTS=components,
+        SPLIT=partials is not None, BLOCK=block, num_warps=num_warps, maxnreg=FORWARD_MAX_REGISTERS,
+        COMPONENTS=components,
         LEAD=spec.lead_base, SUB=sub, LANES=lanes, VEC=vec, NATIVE=student.device.type != "cpu",
         ALIGNED=_aligned((s, t), (s_so, s_si, t_so, t_si)), **_flags(spec),
     )

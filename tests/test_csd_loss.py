@@ -274,3 +274,23 @@ def test_gpu_bit_identical_runs():
     first = loss_and_grad(csd_loss, student, teacher, backend="triton", weighting="ts")
     second = loss_and_grad(csd_loss, student, teacher, backend="triton", weighting="ts")
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS, ids=WEIGHTING_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_parity_aligned_rows(monkeypatch, backend, row_split, weighting, dtype):
+    """Rows that start 16-byte aligned (V a multiple of 16, fresh tensors) take the forward's vectorised
+    tile layout (`ALIGNED`), the one real GPU launches mostly run; V = 301 elsewhere takes the other.
+    With -inf runs in the student and in the teacher."""
+    if backend == "triton":
+        from csd_kernels.kernels import triton_backend
+
+        seen = []
+        aligned = triton_backend._aligned
+        monkeypatch.setattr(triton_backend, "_aligned", lambda *a: seen.append(aligned(*a)) or seen[-1])
+    student, teacher = make_logits(lead=(5,), vocab=320, dtype=dtype)
+    student[1, :150] = float("-inf")
+    teacher[2, 40:200] = float("-inf")
+    check_parity(student, teacher, backend, weighting=weighting, temperature=1.5)
+    if backend == "triton":
+        assert seen and all(seen), f"the aligned layout was not taken: {seen}"

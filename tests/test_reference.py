@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 import reference
-from csd_kernels import csd_loss
+from csd_kernels import csd_loss, kl_loss
 from helpers import assert_close, loss_and_grad
 from test_csd_loss import MIX, WEIGHTINGS, WEIGHTING_IDS
 
@@ -47,6 +47,19 @@ def test_ss_gradient_is_student_weighted_deviation():
     d = student - teacher
     expected = weights * (d - (weights * d).sum(-1, keepdim=True))
     assert_close(grad, expected, name="ss gradient")
+
+
+def test_ss_gradient_is_reverse_kl_gradient_at_temperature_1():
+    """At temperature 1, S(k) (d_k - E_S[d]) is also the gradient of KL(S || T): "ss" and reverse KL train
+    identically under a scale-free optimiser (examples/compare_losses.py shows it), though their values differ."""
+    student, teacher = logits64(n=6, vocab=25)
+    for impl in (reference, None):
+        csd_fn = reference.csd_loss if impl else csd_loss
+        kl_fn = reference.kl_loss if impl else kl_loss
+        loss_csd, grad_csd = loss_and_grad(csd_fn, student, teacher, weighting="ss")
+        loss_kl, grad_kl = loss_and_grad(kl_fn, student, teacher, kind="reverse")
+        assert_close(grad_csd, grad_kl, name="ss gradient vs reverse-KL gradient")
+        assert not torch.allclose(loss_csd, loss_kl)
 
 
 # The weights are constants by contract, so the backward is the true derivative of the loss only when no

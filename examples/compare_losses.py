@@ -75,7 +75,7 @@ METHODS = {
 
 # Protocols: (learning-rate grid, test seeds, student steps). The grid spans 10x in both.
 PROTOCOLS = {
-    "default": ((1e-2, 3e-2, 1e-1), 3, 300),
+    "default": ((3e-2, 1e-1, 3e-1), 3, 300),
     "full": ((3e-3, 1e-2, 3e-2, 1e-1, 3e-1), 3, 1200),
 }
 # --device cuda: a larger task (CPU defaults in parse_arguments).
@@ -499,6 +499,9 @@ def main(argv=None):
     for method, scores in tuning.items():
         cells = [f"**{scores[lr]:.4f}**" if lr == chosen[method] else f"{scores[lr]:.4f}" for lr in args.lrs]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    edge = [m for m in args.methods if len(args.lrs) > 1 and chosen[m] in (min(args.lrs), max(args.lrs))]
+    if edge:
+        lines += ["", f"Chosen at an end of the grid (a wider grid might do better): {', '.join(edge)}."]
     with open(os.path.join(args.out, "compare_losses.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -190,8 +190,8 @@ def train_student(method, lr, seed, train: Split, eval_split: Split, teacher, lo
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: min(1.0, (t + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
-    generator = torch.Generator().manual_seed(2000 + seed)
-    order = batches(torch.arange(len(train.ids)), args.batch_size, generator)
+    order = batches(torch.arange(len(train.ids)), args.batch_size, torch.Generator().manual_seed(2000 + seed))
+    generator = torch.Generator().manual_seed(3000 + seed)  # on-policy draws: the batch order stays the same
     curve = []
     for step in range(steps + 1):
         if curve_every and (step % curve_every == 0 or step == steps):

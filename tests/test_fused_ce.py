@@ -72,6 +72,28 @@ def test_fused_low_precision(backend, dtype):
                 num_items_in_batch=5)
 
 
+@pytest.mark.parametrize("weighting", ["ss", "ts", MIX], ids=["ss", "ts", "mix"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_parity_aligned_rows(monkeypatch, backend, row_split, weighting, dtype):
+    """The fused CE in the forward's vectorised tile layout (`ALIGNED`: V a multiple of 16, fresh tensors),
+    which the other CE tests (V = 301) never take; -inf runs in both, one of them over a label."""
+    if backend == "triton":
+        from csd_kernels.kernels import triton_backend
+
+        seen = []
+        aligned = triton_backend._aligned
+        monkeypatch.setattr(triton_backend, "_aligned", lambda *a: seen.append(aligned(*a)) or seen[-1])
+    student, teacher = make_logits(lead=(5,), vocab=320, dtype=dtype)
+    student[1, :150] = float("-inf")
+    teacher[2, 40:200] = float("-inf")
+    labels = make_labels((5,), vocab=320, ignored=1)
+    labels[1] = 200  # a finite entry of row 1; row 2's label lies in the teacher's -inf run (the CE still counts it)
+    labels[2] = 100
+    check_fused(student, teacher, backend, weighting=weighting, labels=labels, ce_weight=0.6, csd_weight=0.8)
+    if backend == "triton":
+        assert seen and all(seen), f"the aligned layout was not taken: {seen}"
+
+
 def test_target_class_gradient_accurate_in_bf16(backend):
     """p - 1 at the label is formed in fp32: the bf16 gradient there is the rounded fp32 value."""
     student, teacher = make_logits(lead=(4,), dtype=torch.bfloat16)

@@ -66,7 +66,7 @@ def compile_all():
                 (k._fwd_kernel, dict(flags, **tile, COMPONENTS=bool(ce), SPLIT=False), warps),
                 (k._fwd_kernel, dict(flags, **tile, COMPONENTS=bool(ce), SPLIT=True), warps),
                 (k._merge_kernel, dict(flags, COMPONENTS=bool(ce), BLOCK_P=8), 1),
-                (k._bwd_kernel, dict(flags, SHARDED=bool(ce), BLOCK=4096), 8),
+                (k._bwd_kernel, dict(flags, SHARDED=bool(ce), BLOCK=4096, NATIVE=True), 8),
             ]
             for kernel, constexprs, warps in variants:
                 signature = _signature(kernel, dtype, constexprs)

@@ -487,7 +487,7 @@ def _bwd_kernel(
     s_scale, t_scale,
     a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
-    CE: tl.constexpr, SHARDED: tl.constexpr, BLOCK: tl.constexpr,
+    CE: tl.constexpr, SHARDED: tl.constexpr, BLOCK: tl.constexpr, NATIVE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -508,7 +508,7 @@ def _bwd_kernel(
     upstream = tl.load(grow_ptr + row * grow_stride).to(tl.float32)
 
     s, t, valid = _load_block(
-        _row_base(s_ptr, row, L1, s_so, s_si), _row_base(t_ptr, row, L1, t_so, t_si), cols, V, True
+        _row_base(s_ptr, row, L1, s_so, s_si), _row_base(t_ptr, row, L1, t_so, t_si), cols, V, True, NATIVE
     )
     dd = s - t - shift
     # (x - m) first, then the scale: exact exponents near the max at any |x| (stats.py)
@@ -779,7 +779,8 @@ def backward(
         vocab, l1,
         s_so, s_si, t_so, t_si, g_so, g_si, grad_rows.stride(0),
         *_launch_constants(spec),
-        BLOCK=block, num_warps=num_warps, SHARDED=sharded_labels, **_flags(spec),
+        BLOCK=block, num_warps=num_warps, SHARDED=sharded_labels, NATIVE=s.device.type != "cpu",
+        **_flags(spec),
     )
     if g is not out:  # `out` could not be addressed as rows (only an exotic in-place target)
         out.copy_(g)

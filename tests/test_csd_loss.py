@@ -276,18 +276,24 @@ def test_gpu_bit_identical_runs():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+def spy_on_aligned(monkeypatch, backend):
+    """The list of the Triton forward's ALIGNED decisions, one per launch (empty for other backends)."""
+    seen = []
+    if backend == "triton":
+        from csd_kernels.kernels import triton_backend
+
+        aligned = triton_backend._aligned
+        monkeypatch.setattr(triton_backend, "_aligned", lambda *a: seen.append(aligned(*a)) or seen[-1])
+    return seen
+
+
 @pytest.mark.parametrize("weighting", WEIGHTINGS, ids=WEIGHTING_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_parity_aligned_rows(monkeypatch, backend, row_split, weighting, dtype):
     """Rows that start 16-byte aligned (V a multiple of 16, fresh tensors) take the forward's vectorised
     tile layout (`ALIGNED`), the one real GPU launches mostly run; V = 301 elsewhere takes the other.
     With -inf runs in the student and in the teacher."""
-    if backend == "triton":
-        from csd_kernels.kernels import triton_backend
-
-        seen = []
-        aligned = triton_backend._aligned
-        monkeypatch.setattr(triton_backend, "_aligned", lambda *a: seen.append(aligned(*a)) or seen[-1])
+    seen = spy_on_aligned(monkeypatch, backend)
     student, teacher = make_logits(lead=(5,), vocab=320, dtype=dtype)
     student[1, :150] = float("-inf")
     teacher[2, 40:200] = float("-inf")

@@ -10,7 +10,7 @@ import reference
 from csd_kernels import CSDLoss, csd_loss
 from csd_kernels.contract import active_positions, reduce_rows
 from helpers import DEVICE, assert_close, assert_gradient, loss_and_grad
-from test_csd_loss import MIX, WEIGHTINGS, WEIGHTING_IDS, make_logits
+from test_csd_loss import MIX, WEIGHTINGS, WEIGHTING_IDS, make_logits, spy_on_aligned
 
 
 def reference_ce(student, labels, *, ignore_index=-100, mask=None, reduction="mean",
@@ -77,12 +77,7 @@ def test_fused_low_precision(backend, dtype):
 def test_fused_parity_aligned_rows(monkeypatch, backend, row_split, weighting, dtype):
     """The fused CE in the forward's vectorised tile layout (`ALIGNED`: V a multiple of 16, fresh tensors),
     which the other CE tests (V = 301) never take; -inf runs in both, one of them over a label."""
-    if backend == "triton":
-        from csd_kernels.kernels import triton_backend
-
-        seen = []
-        aligned = triton_backend._aligned
-        monkeypatch.setattr(triton_backend, "_aligned", lambda *a: seen.append(aligned(*a)) or seen[-1])
+    seen = spy_on_aligned(monkeypatch, backend)
     student, teacher = make_logits(lead=(5,), vocab=320, dtype=dtype)
     student[1, :150] = float("-inf")
     teacher[2, 40:200] = float("-inf")

@@ -22,8 +22,11 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
+# The suite in parallel (pytest-xdist, one worker per core: about 2x on 2 cores); TEST_WORKERS=0 runs it
+# in one process.
+TEST_WORKERS ?= auto
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # On a machine with CUDA: the whole suite with the compiled Triton kernels, `gpu`-marked tests included.
 # It fails (rather than skipping) where no GPU is visible.

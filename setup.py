@@ -17,7 +17,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"],
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],
         "hf": ["transformers>=4.57", "accelerate>=0.26", "datasets>=2.14"],
         # csd_kernels.integrations.trl: TRL's on-policy DistillationTrainer (trl >= 1.16)

@@ -57,8 +57,18 @@ def _patch_the_interpreter_once_per_launch():
     executor.__call__ = call
 
 
+def _share_the_cores_between_workers():
+    """Under pytest-xdist (`make test` runs `-n auto`), each worker takes its share of the cores for
+    torch's intra-op threads, so that two workers on two cores do not oversubscribe them (the
+    interpreter tests are single-threaded Python; the torch-heavy ones would otherwise fight)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_configure(config):
     _patch_the_interpreter_once_per_launch()
+    _share_the_cores_between_workers()
     if os.environ.get("CSD_REQUIRE_GPU") == "1" and not torch.cuda.is_available():
         pytest.exit("CSD_REQUIRE_GPU=1 (make test-gpu) but torch sees no CUDA GPU: this run would only "
                     "test the interpreter", returncode=2)

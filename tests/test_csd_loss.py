@@ -291,7 +291,8 @@ def spy_on_aligned(monkeypatch, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_parity_aligned_rows(monkeypatch, backend, row_split, weighting, dtype):
     """Rows that start 16-byte aligned (V a multiple of 16, fresh tensors) take the forward's vectorised
-    tile layout (`ALIGNED`), the one real GPU launches mostly run; V = 301 elsewhere takes the other.
+    tile layout (`ALIGNED`; bf16 rows, V even, as 32-bit words: `WORDS`), the one real GPU launches
+    mostly run; V = 301 elsewhere takes the other.
     With -inf runs in the student and in the teacher."""
     seen = spy_on_aligned(monkeypatch, backend)
     student, teacher = make_logits(lead=(5,), vocab=320, dtype=dtype)

@@ -62,26 +62,51 @@ def _row_base(ptr, row, L1, stride_outer, stride_inner):
 
 
 @triton.jit
-def _load_block(s_row, t_row, cols, stop, MASKED: tl.constexpr, NATIVE: tl.constexpr = False):
-    # Upcast right after the load: fp32 arithmetic everywhere (bf16 arithmetic is also wrong under
-    # the interpreter). Out-of-range lanes read -inf, i.e. they look like masked vocabulary. Full blocks
-    # (MASKED False) need no range test.
-    if MASKED:
-        in_range = cols < stop
-        s = tl.load(s_row + cols, mask=in_range, other=float("-inf"))
-        t = tl.load(t_row + cols, mask=in_range, other=float("-inf"))
-    else:
-        s = tl.load(s_row + cols)
-        t = tl.load(t_row + cols)
+def _load_block(s_row, t_row, base, offs, stop, MASKED: tl.constexpr, NATIVE: tl.constexpr = False,
+                WORDS: tl.constexpr = False):
+    # Entries base + offs of both rows. Upcast right after the load: fp32 arithmetic everywhere (bf16
+    # arithmetic is also wrong under the interpreter). Out-of-range lanes read -inf, i.e. they look like
+    # masked vocabulary. Full blocks (MASKED False) need no range test.
     # An entry lies in the row unless s or t is -inf (a NaN is kept, so that it propagates): one test of
     # their minimum, which is exact in any dtype. NATIVE takes it in the logits' own dtype (two bf16
     # entries per instruction on a GPU); the interpreter cannot take a bf16 minimum.
-    if NATIVE:
+    if WORDS:
+        # bf16 rows as 32-bit words (offs: word offsets of a (SUB, LANES, VEC // 2) tile), each word
+        # unpacked into its two entries with one shift or one AND (Triton's bf16 -> fp32 conversion
+        # costs two instructions for the high half); -8323200 is the word 0xFF80FF80, two bf16 -infs.
+        s_words = (s_row + base).to(tl.pointer_type(tl.int32)) + offs
+        t_words = (t_row + base).to(tl.pointer_type(tl.int32)) + offs
+        if MASKED:
+            in_range = base + 2 * offs < stop  # rows of whole words (V even)
+            w_s = tl.load(s_words, mask=in_range, other=-8323200)
+            w_t = tl.load(t_words, mask=in_range, other=-8323200)
+        else:
+            w_s = tl.load(s_words)
+            w_t = tl.load(t_words)
+        shape: tl.constexpr = [offs.shape[0], offs.shape[1], 2 * offs.shape[2]]
+        s = tl.join((w_s << 16).to(tl.float32, bitcast=True),
+                    (w_s & -65536).to(tl.float32, bitcast=True)).reshape(shape)
+        t = tl.join((w_t << 16).to(tl.float32, bitcast=True),
+                    (w_t & -65536).to(tl.float32, bitcast=True)).reshape(shape)
         valid = tl.minimum(s, t) != float("-inf")
-        return s.to(tl.float32), t.to(tl.float32), valid
-    s = s.to(tl.float32)
-    t = t.to(tl.float32)
-    return s, t, tl.minimum(s, t) != float("-inf")
+    else:
+        cols = base + offs
+        if MASKED:
+            in_range = cols < stop
+            s = tl.load(s_row + cols, mask=in_range, other=float("-inf"))
+            t = tl.load(t_row + cols, mask=in_range, other=float("-inf"))
+        else:
+            s = tl.load(s_row + cols)
+            t = tl.load(t_row + cols)
+        if NATIVE:
+            valid = tl.minimum(s, t) != float("-inf")
+            s = s.to(tl.float32)
+            t = t.to(tl.float32)
+        else:
+            s = s.to(tl.float32)
+            t = t.to(tl.float32)
+            valid = tl.minimum(s, t) != float("-inf")
+    return s, t, valid
 
 
 # The forward's tile: (SUB, LANES, VEC) entries, lane j owning VEC contiguous entries (16 bytes: one
@@ -359,7 +384,7 @@ def _fwd_kernel(
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
     CE: tl.constexpr, COMPONENTS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
     LEAD: tl.constexpr, SUB: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, NATIVE: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, WORDS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
@@ -373,7 +398,10 @@ def _fwd_kernel(
     start = part * cols_per_program
     stop = tl.minimum(start + cols_per_program, V)
     lane = tl.arange(0, LANES)
-    if ALIGNED:  # lane j's VEC entries are contiguous: one 128-bit load each
+    if WORDS:  # as ALIGNED, in 32-bit words of two bf16 entries
+        offs = (tl.arange(0, SUB) * (LANES * VEC // 2))[:, None, None] + (lane * (VEC // 2))[None, :, None] \
+            + tl.arange(0, VEC // 2)[None, None, :]
+    elif ALIGNED:  # lane j's VEC entries are contiguous: one 128-bit load each
         offs = (tl.arange(0, SUB) * (LANES * VEC))[:, None, None] + (lane * VEC)[None, :, None] \
             + tl.arange(0, VEC)[None, None, :]
     else:  # rows not 16-byte aligned (V = 50257) load entry by entry: keep lanes adjacent, so that the
@@ -395,19 +423,19 @@ def _fwd_kernel(
     first = 0
     count = tl.full([], 0.0, tl.float32)
     while (count == 0.0) & (start + first * BLOCK < stop):
-        s, t, valid = _load_block(s_row, t_row, start + first * BLOCK + offs, stop, True, NATIVE)
+        s, t, valid = _load_block(s_row, t_row, start + first * BLOCK, offs, stop, True, NATIVE, WORDS)
         count = tl.sum(tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=0), axis=0)
         c = zero + _first_shift(s, t, valid, count, LEAD)
         first += 1
     # Whole blocks without a range mask, then the partial last block with one.
     full = (stop - start) // BLOCK
     for j in range(tl.maximum(first - 1, 0), full):
-        s, t, valid = _load_block(s_row, t_row, start + j * BLOCK + offs, stop, False, NATIVE)
+        s, t, valid = _load_block(s_row, t_row, start + j * BLOCK, offs, stop, False, NATIVE, WORDS)
         c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _fold_block(
             s, t, valid, c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1,
             s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE, MOMENTS)
     if start + full * BLOCK < stop:
-        s, t, valid = _load_block(s_row, t_row, start + full * BLOCK + offs, stop, True, NATIVE)
+        s, t, valid = _load_block(s_row, t_row, start + full * BLOCK, offs, stop, True, NATIVE, WORDS)
         c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _fold_block(
             s, t, valid, c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1,
             s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE, MOMENTS)
@@ -514,7 +542,7 @@ def _bwd_kernel(
     upstream = tl.load(grow_ptr + row * grow_stride).to(tl.float32)
 
     s, t, valid = _load_block(
-        _row_base(s_ptr, row, L1, s_so, s_si), _row_base(t_ptr, row, L1, t_so, t_si), cols, V, True, NATIVE
+        _row_base(s_ptr, row, L1, s_so, s_si), _row_base(t_ptr, row, L1, t_so, t_si), 0, cols, V, True, NATIVE
     )
     dd = s - t - shift
     # (x - m) first, then the scale: exact exponents near the max at any |x| (stats.py)
@@ -688,6 +716,9 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
     # The labels are read only where a row is finalised; a placeholder pointer otherwise.
     labels = _per_row(labels, n_rows) if spec.has_ce and partials is None else active
     comp = parts if components else total  # likewise
+    aligned = _aligned((s, t), (s_so, s_si, t_so, t_si))
+    # bf16 rows of whole 32-bit words (an even V) load as words (see _load_block)
+    words = aligned and vocab % 2 == 0 and s.dtype == torch.bfloat16 and t.dtype == torch.bfloat16
     _fwd_kernel[(n_rows, programs)](
         s, t, labels, active, partials if partials is not None else total, total, comp, stats,
         n_rows, vocab, l1, cols_per_program,
@@ -696,7 +727,7 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
         SPLIT=partials is not None, BLOCK=block, num_warps=num_warps, maxnreg=FORWARD_MAX_REGISTERS,
         COMPONENTS=components,
         LEAD=spec.lead_base, SUB=sub, LANES=lanes, VEC=vec, NATIVE=student.device.type != "cpu",
-        ALIGNED=_aligned((s, t), (s_so, s_si, t_so, t_si)), **_flags(spec),
+        ALIGNED=aligned, WORDS=words, **_flags(spec),
     )
     return total, parts, stats
 

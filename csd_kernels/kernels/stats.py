@@ -21,11 +21,7 @@ around the running mean, b1 = sum p (d - c - mu), b2 = sum p (d - c - mu)^2 and 
     mu' = mu + b1 / Z',    M2' = M2 + b2 - b1^2 / Z',
 
 so the variance is never formed as E[x^2] - E[x]^2 and does not cancel, whether d carries a large
-constant offset (logits of 1e4 with differences of 1e-1) or drifts along the row. (The Triton forward
-takes one lane's tile of 16 entries in raw form around the shift c below, M2_tile = sum p dd^2 -
-(sum p dd)^2 / sum p with dd = d - c, which saves a second sweep: its rounding is eps * Z * E[(d - c)^2]
-per base B, and with c on the running E_w1 that is eps * Z * (Var_B + (E_B - E_w1)^2), terms the loss
-itself contains (through Var_w1 and Var_w2 + (E_w1 - E_w2)^2), so the loss keeps its relative accuracy.) The maxima are kept in
+constant offset (logits of 1e4 with differences of 1e-1) or drifts along the row. The maxima are kept in
 raw logit units and exponents are formed as (x - m) / tau, never as x / tau - m / tau: at |x| ~ 1e4 the
 latter loses ~1e-3 of relative accuracy in every weight.
 

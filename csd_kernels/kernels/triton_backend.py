@@ -129,12 +129,9 @@ def _fold(mu, m2, z_old, z_tile, mu_tile, m2_tile, MOMENTS: tl.constexpr):
 
 
 @triton.jit
-def _softmax_tile(x, dd, dd2, scale, m, z, mu, m2, MOMENTS: tl.constexpr, EXACT: tl.constexpr = False):
+def _softmax_tile(x, dd, scale, m, z, mu, m2, MOMENTS: tl.constexpr, EXACT: tl.constexpr = False):
     # One tile into each lane's online softmax moments around its raw maximum m (stats.py). x: logits
-    # (-inf outside the row), dd = d - c (0 outside), dd2 = dd^2, scale = log2(e) / temperature. The
-    # tile's sums of p dd and p dd^2 are raw around the lane's shift c (two FMAs per entry), and its M2
-    # around its own mean is formed from them once per lane (stats.py: why this cannot cancel against
-    # the loss, c being the running E_w1); Chan's update folds it in. An exponent is one
+    # (-inf outside the row), dd = d - c (0 outside), scale = log2(e) / temperature. An exponent is one
     # FMA, x * scale - r with r = fl(m * scale) and an exact product; `fix` = 2^(r - m * scale) then
     # takes the tile's sums to the raw maximum, so weights stay exact near the max at any |x|. EXACT
     # forms (x - m) * scale instead (one instruction more), which is exactly 0 at the maximum: the
@@ -153,11 +150,10 @@ def _softmax_tile(x, dd, dd2, scale, m, z, mu, m2, MOMENTS: tl.constexpr, EXACT:
     mu_tile = mu
     m2_tile = m2
     if MOMENTS >= 1:
-        s1 = tl.sum(tl.sum(p * dd, axis=2), axis=0)
-        mu_tile = s1 / tl.where(z_raw > 0.0, z_raw, 1.0)
-        if MOMENTS >= 2:  # rounding may leave a tiny negative M2; `where` (unlike maximum) keeps NaN
-            m2_tile = tl.sum(tl.sum(p * dd2, axis=2), axis=0) - s1 * mu_tile
-            m2_tile = tl.where(m2_tile < 0.0, 0.0, m2_tile) * fix
+        mu_tile = tl.sum(tl.sum(p * dd, axis=2), axis=0) / tl.where(z_raw > 0.0, z_raw, 1.0)
+        if MOMENTS >= 2:  # the tile's M2 around its own mean: a second sweep over registers
+            f = dd - mu_tile[None, :, None]
+            m2_tile = tl.sum(tl.sum(p * f * f, axis=2), axis=0) * fix
     z, mu, m2 = _fold(mu, m2 * alpha, z * alpha, z_raw * fix, mu_tile, m2_tile, MOMENTS)
     return m_new, z, mu, m2
 
@@ -170,19 +166,17 @@ def _fold_block(
 ):
     # One block into every lane's statistics, each lane around its own shift c (stats.py).
     dd = tl.where(valid, s - t - c[None, :, None], 0.0)
-    dd2 = dd * dd  # shared by the bases; dead code, removed by the compiler, where no M2 is kept (KL)
     if NEED_S:
-        m_s, z_s, mu_s, m2_s = _softmax_tile(tl.where(valid, s, float("-inf")), dd, dd2, s_scale,
-                                             m_s, z_s, mu_s, m2_s, MOMENTS)
+        m_s, z_s, mu_s, m2_s = _softmax_tile(tl.where(valid, s, float("-inf")), dd, s_scale, m_s, z_s, mu_s, m2_s,
+                                             MOMENTS)
     if NEED_T:
-        m_t, z_t, mu_t, m2_t = _softmax_tile(tl.where(valid, t, float("-inf")), dd, dd2, t_scale,
-                                             m_t, z_t, mu_t, m2_t, MOMENTS)
-    if NEED_U:  # unit weights; n counts the valid entries (dd is 0 outside the row)
+        m_t, z_t, mu_t, m2_t = _softmax_tile(tl.where(valid, t, float("-inf")), dd, t_scale, m_t, z_t, mu_t, m2_t,
+                                             MOMENTS)
+    if NEED_U:  # unit weights; n counts the valid entries
         n_tile = tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=0)
-        s1 = tl.sum(tl.sum(dd, axis=2), axis=0)
-        mu_tile = s1 / tl.maximum(n_tile, 1.0)
-        m2_tile = tl.sum(tl.sum(dd2, axis=2), axis=0) - s1 * mu_tile
-        n, mu_u, m2_u = _fold(mu_u, m2_u, n, n_tile, mu_tile, tl.where(m2_tile < 0.0, 0.0, m2_tile), 2)
+        mu_tile = tl.sum(tl.sum(dd, axis=2), axis=0) / tl.maximum(n_tile, 1.0)
+        f = tl.where(valid, dd - mu_tile[None, :, None], 0.0)
+        n, mu_u, m2_u = _fold(mu_u, m2_u, n, n_tile, mu_tile, tl.sum(tl.sum(f * f, axis=2), axis=0), 2)
     # Move each lane's shift onto its running E_w1, exactly (TwoSum): the means stay small and precise
     # even when d drifts along the row.
     e_lead = _mix(a1_s, a1_t, a1_u, mu_s, mu_t, mu_u, NEED_S, NEED_T, NEED_U)
@@ -191,7 +185,7 @@ def _fold_block(
     mu_t = (mu_t - e_lead) + residual
     mu_u = (mu_u - e_lead) + residual
     if CE:  # the usual cross-entropy: every finite student entry (-inf weighs 0), temperature 1
-        m_1, z_1, _, _ = _softmax_tile(s, dd, dd, LOG2E, m_1, z_1, z_1, z_1, 0, True)
+        m_1, z_1, _, _ = _softmax_tile(s, dd, LOG2E, m_1, z_1, z_1, z_1, 0, True)
     return c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1
 
 

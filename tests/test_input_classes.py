@@ -185,6 +185,26 @@ def test_shift_follows_a_drifting_row(backend, row_split, weighting):
     assert_close(grad, ref_grad, dtype=torch.float32, name="gradient")
 
 
+@pytest.mark.parametrize("weighting", ["ss", "ts", "st", "tt"])
+def test_mass_jumps_to_a_far_outlier(backend, row_split, weighting):
+    """Late in the row one entry takes nearly all of S's and T's mass, at a d 1000 away from the d of
+    the blocks before it: the loss is tiny (the rest of the row weighs ~e^-40), so moments kept around
+    the earlier blocks' mean, or a block's raw E[dd^2] - E[dd]^2, would cancel to noise of ~1e-2."""
+    vocab = 600
+    teacher = _quantised(torch.randn(3, vocab))
+    student = teacher.clone()
+    for row, at in enumerate((450, 599, 130)):
+        student[row, at] = 40.0 + 1000.0
+        teacher[row, at] = 40.0
+    student, teacher = student.to(DEVICE), teacher.to(DEVICE)
+    loss, grad = loss_and_grad(lambda s, t, **k: csd_loss(s, t, backend=backend, **k), student, teacher,
+                               weighting=weighting, reduction="none")
+    ref_loss, ref_grad = loss_and_grad(reference.csd_loss, student.double(), teacher.double(),
+                                       weighting=weighting, reduction="none")
+    assert_close(loss, ref_loss, dtype=torch.float32, name="loss")
+    assert_close(grad, ref_grad, dtype=torch.float32, name="gradient")
+
+
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 def test_drifting_row_with_default_blocks(backend_name, row_split):
     """The same with the real block (4096) and chunk sizes: a block's own moments must not cancel."""

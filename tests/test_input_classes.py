@@ -185,7 +185,7 @@ def test_shift_follows_a_drifting_row(backend, row_split, weighting):
     assert_close(grad, ref_grad, dtype=torch.float32, name="gradient")
 
 
-@pytest.mark.parametrize("weighting", ["ss", "ts", "st", "tt"])
+@pytest.mark.parametrize("weighting", ["ss", "ts", "st", "tt", "us", "uu"])
 def test_mass_jumps_to_a_far_outlier(backend, row_split, weighting):
     """Late in the row one entry takes nearly all of S's and T's mass, at a d 1000 away from the d of
     the blocks before it: the loss is tiny (the rest of the row weighs ~e^-40), so moments kept around

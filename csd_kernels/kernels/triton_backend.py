@@ -172,11 +172,16 @@ def _fold_block(
     if NEED_T:
         m_t, z_t, mu_t, m2_t = _softmax_tile(tl.where(valid, t, float("-inf")), dd, t_scale, m_t, z_t, mu_t, m2_t,
                                              MOMENTS)
-    if NEED_U:  # unit weights; n counts the valid entries
+    if NEED_U:  # unit weights; n counts the valid entries (dd is 0 outside the row)
+        # The tile's M2 from its raw sums around the lane's shift, which sits on the running mean: a
+        # tile far from it moves Var_U by as much as the cancellation costs (unit weights cannot jump to
+        # a far outlier as a softmax's mass can; test_mass_jumps_to_a_far_outlier), so no second sweep.
         n_tile = tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=0)
-        mu_tile = tl.sum(tl.sum(dd, axis=2), axis=0) / tl.maximum(n_tile, 1.0)
-        f = tl.where(valid, dd - mu_tile[None, :, None], 0.0)
-        n, mu_u, m2_u = _fold(mu_u, m2_u, n, n_tile, mu_tile, tl.sum(tl.sum(f * f, axis=2), axis=0), 2)
+        s1 = tl.sum(tl.sum(dd, axis=2), axis=0)
+        mu_tile = s1 / tl.maximum(n_tile, 1.0)
+        m2_tile = tl.sum(tl.sum(dd * dd, axis=2), axis=0) - s1 * mu_tile
+        # rounding may leave a tiny negative M2; `where` (unlike maximum) keeps a NaN
+        n, mu_u, m2_u = _fold(mu_u, m2_u, n, n_tile, mu_tile, tl.where(m2_tile < 0.0, 0.0, m2_tile), 2)
     # Move each lane's shift onto its running E_w1, exactly (TwoSum): the means stay small and precise
     # even when d drifts along the row.
     e_lead = _mix(a1_s, a1_t, a1_u, mu_s, mu_t, mu_u, NEED_S, NEED_T, NEED_U)

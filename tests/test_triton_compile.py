@@ -61,7 +61,8 @@ def compile_all():
             flags = dict(zip(("NEED_S", "NEED_T", "NEED_U"), map(bool, need)), LOSS=loss, CE=bool(ce))
             lead = 2 if need == (0, 0, 1) else 1 if (need, loss) == ((1, 1, 0), 0) else 0  # "ts": w1 = T
             block, warps, sub, lanes, vec = k.forward_config(32000, 2 if dtype == "*bf16" else 4)
-            tile = dict(BLOCK=block, SUB=sub, LANES=lanes, VEC=vec, NATIVE=True, ALIGNED=True, LEAD=lead)
+            tile = dict(BLOCK=block, SUB=sub, LANES=lanes, VEC=vec, NATIVE=True, ALIGNED=True, LEAD=lead,
+                        WORDS=dtype == "*bf16")
             variants = [
                 (k._fwd_kernel, dict(flags, **tile, COMPONENTS=bool(ce), SPLIT=False), warps),
                 (k._fwd_kernel, dict(flags, **tile, COMPONENTS=bool(ce), SPLIT=True), warps),

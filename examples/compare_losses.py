@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from distill_tiny import batches, gpt2, sample_sequences, write_readme_table  # noqa: E402
+from distill_tiny import batches, gpt2, sample_sequences, train_teacher, write_readme_table  # noqa: E402
 
 from csd_kernels import csd_loss, kl_loss, teacher_topk, topk_csd_loss  # noqa: E402
 
@@ -109,21 +109,11 @@ class Split:
         self.topk = (self.topk[0].to(torch.int32), self.topk[1])
 
 
-def train_teacher(args, train: torch.Tensor, device):
+def make_teacher(args, train: torch.Tensor, device):
     padded_vocab = -(-args.vocab // 64) * 64
     teacher = gpt2(padded_vocab, 2, args.width, args.seq_len, seed=args.data_seed).to(device)
-    opt = torch.optim.AdamW(teacher.parameters(), lr=args.teacher_lr)
-    stream = batches(train, args.batch_size, torch.Generator().manual_seed(args.data_seed))
-    for step in range(args.teacher_steps):
-        ids = next(stream).to(device)
-        loss = teacher(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 200 == 0 or step == args.teacher_steps - 1:
-            print(f"  teacher step {step:5d}  cross-entropy {loss.item():.3f}", flush=True)
-    teacher.eval()
-    return teacher.requires_grad_(False)
+    return train_teacher(teacher, train, args.teacher_lr, args.teacher_steps, args.batch_size, args.data_seed,
+                         device, log_every=200)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -445,7 +435,7 @@ def main(argv=None):
     train_ids, val_ids, test_ids = (sample_sequences(truth, n, args.seq_len, g) for n in
                                     (args.train_sequences, args.eval_sequences, args.eval_sequences))
     print(f"teacher: GPT-2, 2 layers, width {args.width}, {args.teacher_steps} steps")
-    teacher = train_teacher(args, train_ids, device)
+    teacher = make_teacher(args, train_ids, device)
     train, val, test = (Split(ids, teacher, args.vocab, args.batch_size, device)
                         for ids in (train_ids, val_ids, test_ids))
     entropy = -(truth * truth.log()).sum(-1)[test_ids[:, :-1]].mean().item()

@@ -88,20 +88,21 @@ def batches(data: torch.Tensor, batch_size: int, generator: torch.Generator):
                 yield data[rows]
 
 
-def train_teacher(teacher, data, args, device):
-    opt = torch.optim.AdamW(teacher.parameters(), lr=args.lr)
-    stream = batches(data, args.batch_size, torch.Generator().manual_seed(args.seed))
+def train_teacher(teacher, data, lr, steps, batch_size, seed, device, log_every=100):
+    """Fit `teacher` to `data` with the usual next-token cross-entropy (AdamW at `lr`), then freeze it."""
+    opt = torch.optim.AdamW(teacher.parameters(), lr=lr)
+    stream = batches(data, batch_size, torch.Generator().manual_seed(seed))
     teacher.train()
-    for step in range(args.teacher_steps):
+    for step in range(steps):
         ids = next(stream).to(device)
         loss = teacher(input_ids=ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 100 == 0 or step == args.teacher_steps - 1:
-            print(f"  teacher step {step:4d}  cross-entropy {loss.item():.3f}")
+        if step % log_every == 0 or step == steps - 1:
+            print(f"  teacher step {step:5d}  cross-entropy {loss.item():.3f}", flush=True)
     teacher.eval()
-    teacher.requires_grad_(False)
+    return teacher.requires_grad_(False)
 
 
 def distill(method, teacher, train, held_out, args, device):
@@ -209,7 +210,7 @@ def corpus_and_teacher(args):
     padded_vocab = -(-args.vocab // 64) * 64
     print(f"teacher: GPT-2, 2 layers, width {args.width}, vocabulary {padded_vocab} (padded from {args.vocab})")
     teacher = gpt2(padded_vocab, 2, args.width, args.seq_len, seed=args.seed).to(device)
-    train_teacher(teacher, train, args, device)
+    train_teacher(teacher, train, args.lr, args.teacher_steps, args.batch_size, args.seed, device)
     return device, probs, train, held_out, teacher
 
 

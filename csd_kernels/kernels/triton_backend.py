@@ -281,13 +281,15 @@ def _first_shift(s, t, valid, count, LEAD: tl.constexpr):
 @triton.jit
 def _mix(a_s, a_t, a_u, v_s, v_t, v_u, NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr):
     # Only the bases the weighting uses enter, so an unused base's placeholder never reaches the sum.
+    # U's term first: in the backward it is the row's constant a_u / n, so that each softmax base then
+    # costs one FMA per entry.
     total = 0.0
+    if NEED_U:
+        total += a_u * v_u
     if NEED_S:
         total += a_s * v_s
     if NEED_T:
         total += a_t * v_t
-    if NEED_U:
-        total += a_u * v_u
     return total
 
 
@@ -550,21 +552,28 @@ def _bwd_kernel(
     if LOSS == 0:  # CSD: 1/2 (w2 (d - E_w1) + w1 (d - E_w2))
         w1 = _mix(a1_s, a1_t, a1_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
         w2 = _mix(a2_s, a2_t, a2_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
-        g = (0.5 * csd_weight) * (w2 * (dd - e1) + w1 * (dd - e2))
+        g = w2 * (dd - e1) + w1 * (dd - e2)
+        scale = 0.5 * csd_weight
     elif LOSS == 1:  # KL(T || S): (p_S - p_T) / tau
-        g = (csd_weight * s_scale * LN2) * (p_s - p_t)
+        g = p_s - p_t
+        scale = csd_weight * s_scale * LN2
     else:  # KL(S || T): p_S (d - E_S[d]) / tau^2
-        inv_temp = s_scale * LN2
-        g = (csd_weight * inv_temp * inv_temp) * p_s * (dd - e1)
-    g = tl.where(valid, g, 0.0)
+        g = p_s * (dd - e1)
+        scale = csd_weight * (s_scale * LN2) * (s_scale * LN2)
+    # The row's constants (the upstream gradient among them) multiply once per entry. A non-finite
+    # upstream still reaches every entry (NaN * 0), as `upstream * g` would.
+    g = tl.where(valid, g, 0.0) * (upstream * scale)
     if CE:  # softmax(s) - onehot(label), with p - 1 formed in fp32 before the final cast
         label = tl.load(labels_ptr + row).to(tl.int64)
+        label_ok = (label >= 0) & (label < V)
         p_1 = tl.exp2((s - tl.load(stats_row + 8)) * LOG2E - tl.load(stats_row + 9))
-        ce_grad = tl.where(cols.to(tl.int64) == label, p_1 - 1.0, p_1)
+        # the one-hot compared in int32 (cols are int32; a label outside [0, V) matches no column)
+        ce_grad = tl.where(cols == tl.where(label_ok, label, -1).to(tl.int32), p_1 - 1.0, p_1)
+        ce_scale = upstream * ce_weight
         if not SHARDED:  # a vocabulary shard's label may lie in another shard: no one-hot here, no NaN
-            ce_grad = tl.where((label >= 0) & (label < V), ce_grad, NAN)
-        g += ce_weight * ce_grad
-    tl.store(g_row + cols, (upstream * g).to(g_ptr.dtype.element_ty), mask=cols < V)
+            ce_scale = tl.where(label_ok, ce_scale, NAN)  # NaN over the row, through the row's constant
+        g += ce_scale * ce_grad
+    tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -102,6 +102,28 @@ def test_expanded_upstream_gradient(backend):
     check_parity(student, teacher, backend, upstream, reduction="none", weighting="us")
 
 
+@pytest.mark.parametrize("ce", [False, True], ids=["csd", "csd+ce"])
+@pytest.mark.parametrize("weighting", ["ts", "us"])
+def test_non_finite_upstream_gradient_reaches_every_entry(small_blocks, weighting, ce):
+    """A NaN or inf upstream gradient of a row reaches all of its entries, masked ones too (NaN * 0),
+    as `upstream * dloss/ds` does: the Triton kernel, which folds the upstream into one factor per row,
+    gives the PyTorch backend's pattern exactly, and a finite row stays finite."""
+    student, teacher = make_logits(lead=(3,), vocab=300)
+    teacher[:, :5] = -math.inf
+    student[:, 5:8] = -math.inf
+    upstream = torch.tensor([math.nan, math.inf, 2.0], device=DEVICE)
+    labels = torch.tensor([10, 200, 7], device=DEVICE) if ce else None
+    grads = {}
+    for backend in ("torch", "triton"):
+        _, grads[backend] = loss_and_grad(csd_loss, student, teacher, upstream, backend=backend,
+                                          weighting=weighting, reduction="none", labels=labels)
+    torch_grad, triton_grad = grads["torch"], grads["triton"]
+    assert torch.isnan(triton_grad[0]).all(), "a NaN upstream must reach every entry of its row"
+    assert torch.equal(torch.isnan(triton_grad), torch.isnan(torch_grad))
+    assert torch.equal(torch.isinf(triton_grad), torch.isinf(torch_grad))
+    assert torch.isfinite(triton_grad[2]).all()
+
+
 @pytest.mark.parametrize(
     "layout", ["sliced-positions", "padded-teacher", "strided-vocab", "non-collapsible", "size-one-dims"]
 )

@@ -549,10 +549,15 @@ def _bwd_kernel(
     # (x - m) first, then the scale: exact exponents near the max at any |x| (stats.py)
     p_s = tl.exp2((s - m_s) * s_scale - log2z_s)
     p_t = tl.exp2((t - m_t) * t_scale - log2z_t)
-    if LOSS == 0:  # CSD: 1/2 (w2 (d - E_w1) + w1 (d - E_w2))
-        w1 = _mix(a1_s, a1_t, a1_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
-        w2 = _mix(a2_s, a2_t, a2_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
-        g = w2 * (dd - e1) + w1 * (dd - e2)
+    if LOSS == 0:  # CSD: 1/2 (w2 (d - E_w1) + w1 (d - E_w2)) = 1/2 ((w1 + w2) (d - c) - (w2 e1 + w1 e2))
+        # with e1 = E_w1[d - c] and e2 = E_w2[d - c]: both weights are mixtures of the same bases, so
+        # w1 + w2 and w2 e1 + w1 e2 are mixtures too, with per-row coefficients (one FMA per base each).
+        # No cancellation is added: c sits on E_w1, so e1 is a rounding residual and the two products are
+        # of the size of the terms they replace.
+        w = _mix(a1_s + a2_s, a1_t + a2_t, a1_u + a2_u, p_s, p_t, inv_n, NEED_S, NEED_T, NEED_U)
+        w_e = _mix(e1 * a2_s + e2 * a1_s, e1 * a2_t + e2 * a1_t, e1 * a2_u + e2 * a1_u, p_s, p_t, inv_n,
+                   NEED_S, NEED_T, NEED_U)
+        g = w * dd - w_e
         scale = 0.5 * csd_weight
     elif LOSS == 1:  # KL(T || S): (p_S - p_T) / tau
         g = p_s - p_t

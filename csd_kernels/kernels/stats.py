@@ -21,7 +21,10 @@ around the running mean, b1 = sum p (d - c - mu), b2 = sum p (d - c - mu)^2 and 
     mu' = mu + b1 / Z',    M2' = M2 + b2 - b1^2 / Z',
 
 so the variance is never formed as E[x^2] - E[x]^2 and does not cancel, whether d carries a large
-constant offset (logits of 1e4 with differences of 1e-1) or drifts along the row. The maxima are kept in
+constant offset (logits of 1e4 with differences of 1e-1) or drifts along the row. (One exception, in the
+Triton forward: U's tile of 16 entries takes its M2 from raw sums around the lane's shift c, which sits on
+the running mean. With unit weights a tile far from c moves Var_U by as much as that costs in rounding;
+a softmax's mass can jump to a far outlier, so S and T keep the centred sweep.) The maxima are kept in
 raw logit units and exponents are formed as (x - m) / tau, never as x / tau - m / tau: at |x| ~ 1e4 the
 latter loses ~1e-3 of relative accuracy in every weight.
 

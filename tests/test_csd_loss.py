@@ -323,3 +323,28 @@ def test_parity_aligned_rows(monkeypatch, backend, row_split, weighting, dtype):
     check_parity(student, teacher, backend, weighting=weighting, temperature=1.5)
     if backend == "triton":
         assert seen and all(seen), f"the aligned layout was not taken: {seen}"
+
+
+@pytest.mark.parametrize("weighting", ["ss", "ts", "us"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_parity_aligned_slice_of_a_padded_vocabulary(monkeypatch, backend, row_split, weighting, dtype):
+    """logits[..., :306] of rows padded to 320: aligned rows whose end is not a multiple of 8 entries, so
+    the last block's range mask falls inside a 16-byte run (for bf16, between 32-bit words of the
+    `WORDS` loads). The padding holds huge values that must never be read."""
+    seen = spy_on_aligned(monkeypatch, backend)
+    full_s, full_t = make_logits(lead=(4,), vocab=320, dtype=dtype)
+    full_s[..., 306:] = 1e4
+    full_t[..., 306:] = -1e4
+    full_s[2, :100] = float("-inf")
+    full_s = full_s.detach().requires_grad_(True)
+    student, teacher = full_s[..., :306], full_t[..., :306]
+    loss = csd_loss(student, teacher, backend=backend, weighting=weighting, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), full_s)
+    ref_loss, ref_grad = loss_and_grad(reference.csd_loss, student.detach(), teacher, weighting=weighting,
+                                       reduction="none")
+    assert_close(loss, ref_loss, dtype=torch.float32, name=f"{backend} loss")
+    assert_gradient(grad[..., :306], ref_grad, reference.csd_loss, student.detach(), teacher,
+                    name=f"{backend} gradient", weighting=weighting, reduction="none")
+    assert not grad[..., 306:].any(), "the padding got a gradient"
+    if backend == "triton":
+        assert seen and all(seen), f"the aligned layout was not taken: {seen}"

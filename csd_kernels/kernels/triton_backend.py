@@ -100,11 +100,9 @@ def _load_block(s_row, t_row, base, offs, stop, MASKED: tl.constexpr, NATIVE: tl
             t = tl.load(t_row + cols)
         if NATIVE:
             valid = tl.minimum(s, t) != float("-inf")
-            s = s.to(tl.float32)
-            t = t.to(tl.float32)
-        else:
-            s = s.to(tl.float32)
-            t = t.to(tl.float32)
+        s = s.to(tl.float32)
+        t = t.to(tl.float32)
+        if not NATIVE:
             valid = tl.minimum(s, t) != float("-inf")
     return s, t, valid
 

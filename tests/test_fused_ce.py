@@ -19,9 +19,12 @@ def reference_ce(student, labels, *, ignore_index=-100, mask=None, reduction="me
     denominators."""
     lead, vocab = student.shape[:-1], student.shape[-1]
     compute = torch.float64 if student.dtype == torch.float64 else torch.float32
-    per_position = F.cross_entropy(student.to(compute).reshape(-1, vocab), labels.reshape(-1),
-                                   ignore_index=ignore_index, reduction="none")
     active = active_positions(lead, student.device, labels, mask, ignore_index)
+    # Excluded rows enter as zeros: autograd through F.cross_entropy of an all -inf row gives NaN even
+    # where the row is ignored (softmax's backward, NaN * 0), where an excluded row's gradient is 0.
+    student = torch.where(active.reshape(lead)[..., None], student.to(compute), 0.0)
+    per_position = F.cross_entropy(student.reshape(-1, vocab), labels.reshape(-1),
+                                   ignore_index=ignore_index, reduction="none")
     per_position = torch.where(active, per_position, 0.0)
     return reduce_rows(per_position, active, lead, reduction, num_items_in_batch)
 

@@ -233,10 +233,14 @@ def hot_path(instructions, labels, marker=None):
     other loops' bodies are then left out of "everything else" (paths for rare rows)."""
     body = []
     loops = []
+    first_exit = next((a for a, t in instructions if re.search(r"\bEXIT\b", t)), None)
     for address, text in instructions:
         branch = _BRANCH.search(text)
-        # a backward branch closes a loop (not the `BRA self` trap after the last EXIT)
-        if branch and labels.get(branch.group(1), address) < address:
+        # A backward branch closes a loop, except an unconditional one in the cold code after the first
+        # EXIT: the `BRA self` trap, and the jumps back from the fallbacks ptxas adds for warp shuffles
+        # in divergent code (BRA.DIV), whose range would otherwise swallow the real loop.
+        cold = first_exit is not None and address > first_exit and not text.startswith("@")
+        if branch and labels.get(branch.group(1), address) < address and not cold:
             loops.append((labels[branch.group(1)], address))
     others = []
     pick = lambda r: r[1] - r[0]  # noqa: E731 (the innermost loop)

@@ -111,3 +111,35 @@ def test_specialisation_is_the_launchers():
     lines = [line.split() for line in result.stdout.strip().splitlines()]
     assert lines[0] == ["32000", "*bf16", "*i64", "i32", "i32", "True", "True", "True", "8"], lines[0]
     assert lines[1] == ["50257", "*bf16", "*i64", "i32", "i32", "False", "False", "True", "8"], lines[1]
+
+
+_WARP_FALLBACK_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
+        /*0020*/                   MUFU.EX2 R5, R5 ;
+        /*0030*/                   BRA.DIV UR5, `(.L_x_3) ;
+        /*0040*/                   SHFL.BFLY PT, R6, R5, 0x1, 0x1f ;
+.L_x_2:
+        /*0050*/                   FADD R7, R6, R5 ;
+        /*0060*/               @P0 BRA `(.L_x_1) ;
+        /*0070*/                   MUFU.EX2 R8, R7 ;
+        /*0080*/                   EXIT ;
+.L_x_3:
+        /*0090*/                   SHFL.BFLY P0, R6, R5, R9, R10 ;
+        /*00a0*/                   BRA `(.L_x_2) ;
+.L_x_4:
+        /*00b0*/                   BRA `(.L_x_4) ;
+"""
+
+
+def test_hot_path_ignores_the_jumps_back_from_cold_fallbacks():
+    """ptxas puts a warp-divergence fallback (BRA.DIV) after the kernel's EXIT and jumps back from it
+    unconditionally: that is not a loop, and taking it for one once made every one-warp forward look
+    half as fast (its range swallowed the real loop and the masked tail)."""
+    from benchmarks import sass
+
+    instructions, labels = sass.parse_sass(_WARP_FALLBACK_SASS)
+    body, rest = sass.hot_path(instructions, labels, marker="MUFU.EX2")
+    assert [x.split()[0] for x in body] == ["LDG.E.128", "MUFU.EX2", "BRA.DIV", "SHFL.BFLY", "FADD", "@P0"], body
+    assert "MUFU.EX2 R8, R7" in rest and "BRA `(.L_x_2)" in rest

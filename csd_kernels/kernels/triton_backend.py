@@ -50,6 +50,20 @@ STATS = tl.constexpr(16)  # row stride of the statistics buffer: stats.NUM_STATS
 # (m, Z) of the cross-entropy's softmax, the vocabulary-parallel label columns.
 PARTIAL = tl.constexpr(16)
 NAN = tl.constexpr(float("nan"))
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)
+
+
+@triton.jit
+def _quotient(x, y, NATIVE: tl.constexpr):
+    # x / y for the forward's per-tile fold (four per tile and softmax base). On a GPU div.approx.ftz.f32,
+    # MUFU.RCP and a multiply (within 2 ulp), where `/` is div.full.f32 with range fix-ups (eight SASS
+    # instructions). Its limits do not bite: every y is a lane's mass, at least 1 once the lane holds an
+    # entry (its maximum weighs exp(0)), or a tile's, kept off the subnormal range by the caller.
+    if NATIVE:
+        return tl.inline_asm_elementwise("div.approx.ftz.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return x / y
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,11 +128,12 @@ def _load_block(s_row, t_row, base, offs, stop, MASKED: tl.constexpr, NATIVE: tl
 # barrier in the loop). These are written out rather than wrapped in helpers because the interpreter
 # pays about 0.3 ms for every call of a jit function.
 @triton.jit
-def _fold(mu, m2, z_old, z_tile, mu_tile, m2_tile, MOMENTS: tl.constexpr):
+def _fold(mu, m2, z_old, z_tile, mu_tile, m2_tile, MOMENTS: tl.constexpr, NATIVE: tl.constexpr):
     # Chan et al.'s pairwise update: a tile (total z_tile, mean mu_tile, M2 around its own mean) into a
     # lane's running (z_old, mu, m2) (stats.py). Neither a far shift nor drift along the row cancels.
     z_new = z_old + z_tile
-    share = tl.where(z_new > 0.0, z_tile / tl.where(z_new > 0.0, z_new, 1.0), 0.0)
+    z_safe = tl.where(z_new > 0.0, z_new, 1.0)
+    share = tl.where(z_new > 0.0, _quotient(z_tile, z_safe, NATIVE), 0.0)
     delta = mu_tile - mu
     mu = mu + delta * share
     if MOMENTS >= 2:
@@ -127,7 +142,8 @@ def _fold(mu, m2, z_old, z_tile, mu_tile, m2_tile, MOMENTS: tl.constexpr):
 
 
 @triton.jit
-def _softmax_tile(x, dd, scale, m, z, mu, m2, MOMENTS: tl.constexpr, EXACT: tl.constexpr = False):
+def _softmax_tile(x, dd, scale, m, z, mu, m2, MOMENTS: tl.constexpr, NATIVE: tl.constexpr,
+                  EXACT: tl.constexpr = False):
     # One tile into each lane's online softmax moments around its raw maximum m (stats.py). x: logits
     # (-inf outside the row), dd = d - c (0 outside), scale = log2(e) / temperature. An exponent is one
     # FMA, x * scale - r with r = fl(m * scale) and an exact product; `fix` = 2^(r - m * scale) then
@@ -148,11 +164,14 @@ def _softmax_tile(x, dd, scale, m, z, mu, m2, MOMENTS: tl.constexpr, EXACT: tl.c
     mu_tile = mu
     m2_tile = m2
     if MOMENTS >= 1:
-        mu_tile = tl.sum(tl.sum(p * dd, axis=2), axis=0) / tl.where(z_raw > 0.0, z_raw, 1.0)
+        # A tile far below the lane's maximum may hold subnormal mass; its mean then weighs nothing.
+        z_safe = tl.where(z_raw >= FLT_MIN, z_raw, 1.0)
+        s1 = tl.sum(tl.sum(p * dd, axis=2), axis=0)
+        mu_tile = _quotient(s1, z_safe, NATIVE)
         if MOMENTS >= 2:  # the tile's M2 around its own mean: a second sweep over registers
             f = dd - mu_tile[None, :, None]
             m2_tile = tl.sum(tl.sum(p * f * f, axis=2), axis=0) * fix
-    z, mu, m2 = _fold(mu, m2 * alpha, z * alpha, z_raw * fix, mu_tile, m2_tile, MOMENTS)
+    z, mu, m2 = _fold(mu, m2 * alpha, z * alpha, z_raw * fix, mu_tile, m2_tile, MOMENTS, NATIVE)
     return m_new, z, mu, m2
 
 
@@ -161,25 +180,27 @@ def _fold_block(
     s, t, valid, c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1,
     s_scale, t_scale, a1_s, a1_t, a1_u,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, CE: tl.constexpr, MOMENTS: tl.constexpr,
+    NATIVE: tl.constexpr,
 ):
     # One block into every lane's statistics, each lane around its own shift c (stats.py).
     dd = tl.where(valid, s - t - c[None, :, None], 0.0)
     if NEED_S:
         m_s, z_s, mu_s, m2_s = _softmax_tile(tl.where(valid, s, float("-inf")), dd, s_scale, m_s, z_s, mu_s, m2_s,
-                                             MOMENTS)
+                                             MOMENTS, NATIVE)
     if NEED_T:
         m_t, z_t, mu_t, m2_t = _softmax_tile(tl.where(valid, t, float("-inf")), dd, t_scale, m_t, z_t, mu_t, m2_t,
-                                             MOMENTS)
+                                             MOMENTS, NATIVE)
     if NEED_U:  # unit weights; n counts the valid entries (dd is 0 outside the row)
         # The tile's M2 from its raw sums around the lane's shift, which sits on the running mean: a
         # tile far from it moves Var_U by as much as the cancellation costs (unit weights cannot jump to
         # a far outlier as a softmax's mass can; test_mass_jumps_to_a_far_outlier), so no second sweep.
         n_tile = tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=0)
         s1 = tl.sum(tl.sum(dd, axis=2), axis=0)
-        mu_tile = s1 / tl.maximum(n_tile, 1.0)
+        mu_tile = _quotient(s1, tl.maximum(n_tile, 1.0), NATIVE)
         m2_tile = tl.sum(tl.sum(dd * dd, axis=2), axis=0) - s1 * mu_tile
         # rounding may leave a tiny negative M2; `where` (unlike maximum) keeps a NaN
-        n, mu_u, m2_u = _fold(mu_u, m2_u, n, n_tile, mu_tile, tl.where(m2_tile < 0.0, 0.0, m2_tile), 2)
+        n, mu_u, m2_u = _fold(mu_u, m2_u, n, n_tile, mu_tile, tl.where(m2_tile < 0.0, 0.0, m2_tile), 2,
+                              NATIVE)
     # Move each lane's shift onto its running E_w1, exactly (TwoSum): the means stay small and precise
     # even when d drifts along the row.
     e_lead = _mix(a1_s, a1_t, a1_u, mu_s, mu_t, mu_u, NEED_S, NEED_T, NEED_U)
@@ -188,7 +209,7 @@ def _fold_block(
     mu_t = (mu_t - e_lead) + residual
     mu_u = (mu_u - e_lead) + residual
     if CE:  # the usual cross-entropy: every finite student entry (-inf weighs 0), temperature 1
-        m_1, z_1, _, _ = _softmax_tile(s, dd, LOG2E, m_1, z_1, z_1, z_1, 0, True)
+        m_1, z_1, _, _ = _softmax_tile(s, dd, LOG2E, m_1, z_1, z_1, z_1, 0, NATIVE, True)
     return c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1
 
 
@@ -432,12 +453,12 @@ def _fwd_kernel(
         s, t, valid = _load_block(s_row, t_row, start + j * BLOCK, offs, stop, False, NATIVE, WORDS)
         c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _fold_block(
             s, t, valid, c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1,
-            s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE, MOMENTS)
+            s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE, MOMENTS, NATIVE)
     if start + full * BLOCK < stop:
         s, t, valid = _load_block(s_row, t_row, start + full * BLOCK, offs, stop, True, NATIVE, WORDS)
         c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _fold_block(
             s, t, valid, c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1,
-            s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE, MOMENTS)
+            s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE, MOMENTS, NATIVE)
 
     # The lanes merge once, in a fixed order.
     shift, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _merge_parts(

@@ -233,7 +233,7 @@ def hot_path(instructions, labels, marker=None):
     other loops' bodies are then left out of "everything else" (paths for rare rows)."""
     body = []
     loops = []
-    first_exit = next((a for a, t in instructions if re.search(r"\bEXIT\b", t)), None)
+    first_exit = next((a for a, t in instructions if t == "EXIT"), None)  # unpredicated: the code ends
     for address, text in instructions:
         branch = _BRANCH.search(text)
         # A backward branch closes a loop, except an unconditional one in the cold code after the first

@@ -205,6 +205,27 @@ def test_mass_jumps_to_a_far_outlier(backend, row_split, weighting):
     assert_close(grad, ref_grad, dtype=torch.float32, name="gradient")
 
 
+@pytest.mark.parametrize("weighting", ["ss", "ts", "us"])
+def test_blocks_far_below_the_maximum(backend, row_split, weighting):
+    """One block of each row lies 95 nats above the rest, so every other block's tiles carry subnormal
+    mass (e^-95 ~ 5e-42) relative to each lane's maximum: the forward keeps such a tile's mass out of its
+    divisions (on a GPU div.approx.ftz.f32 would flush it and return inf), and it must weigh nothing
+    rather than turn the row into NaN, with the far block first, in the middle or last."""
+    vocab = 1500
+    teacher = _quantised(torch.randn(3, vocab))
+    student = _quantised(teacher + 3.0 * torch.randn(3, vocab))
+    for row, (lo, hi) in enumerate(((0, 512), (512, 1024), (1024, vocab))):
+        teacher[row, lo:hi] = _quantised(torch.randn(hi - lo)) + 95.0
+        student[row, lo:hi] = teacher[row, lo:hi] + _quantised(torch.randn(hi - lo))
+    student, teacher = student.to(DEVICE), teacher.to(DEVICE)
+    loss, grad = loss_and_grad(lambda s, t, **k: csd_loss(s, t, backend=backend, **k), student, teacher,
+                               weighting=weighting, reduction="none")
+    ref_loss, ref_grad = loss_and_grad(reference.csd_loss, student.double(), teacher.double(),
+                                       weighting=weighting, reduction="none")
+    assert_close(loss, ref_loss, dtype=torch.float32, name="loss")
+    assert_close(grad, ref_grad, dtype=torch.float32, name="gradient")
+
+
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 def test_drifting_row_with_default_blocks(backend_name, row_split):
     """The same with the real block (4096) and chunk sizes: a block's own moments must not cancel."""

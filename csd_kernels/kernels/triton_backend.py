@@ -53,12 +53,16 @@ NAN = tl.constexpr(float("nan"))
 FLT_MIN = tl.constexpr(1.1754943508222875e-38)
 
 
+# ----------------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _quotient(x, y, NATIVE: tl.constexpr):
-    # x / y for the forward's per-tile fold (four per tile and softmax base). On a GPU div.approx.ftz.f32,
-    # MUFU.RCP and a multiply (within 2 ulp), where `/` is div.full.f32 with range fix-ups (eight SASS
-    # instructions). Its limits do not bite: every y is a lane's mass, at least 1 once the lane holds an
-    # entry (its maximum weighs exp(0)), or a tile's, kept off the subnormal range by the caller.
+    # x / y for the forward's per-tile fold (two per tile and base: the tile's mean, Chan's share). On a
+    # GPU div.approx.ftz.f32, MUFU.RCP and a multiply (within 2 ulp), where `/` is div.full.f32 with range
+    # fix-ups (eight SASS instructions). Its limits do not bite: every y is a lane's mass, at least 1
+    # once the lane holds an entry (its maximum weighs exp(0)), a tile's, kept off the subnormal range by
+    # the caller, or a count.
     if NATIVE:
         return tl.inline_asm_elementwise("div.approx.ftz.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32,
                                          is_pure=True, pack=1)
@@ -66,9 +70,6 @@ def _quotient(x, y, NATIVE: tl.constexpr):
         return x / y
 
 
-# ----------------------------------------------------------------------------------------------------
-# jit helpers
-# ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _row_base(ptr, row, L1, stride_outer, stride_inner):
     # Leading dims are collapsed to (N // L1, L1) so that slices like logits[:, :-1] need no copy.

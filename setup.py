@@ -7,6 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["csd_kernels", "csd_kernels.*"]),
+    # the CPU backend's row passes, compiled on the first use by torch.utils.cpp_extension (with ninja)
+    package_data={"csd_kernels.kernels": ["cpu_rows.cpp"]},
     python_requires=">=3.9",
     install_requires=[
         # Tested with torch 2.13 (CPU) and 2.11 (CUDA). A CUDA build of torch pins its own triton,
@@ -15,6 +17,7 @@ setup(
         "torch>=2.4",
         "triton>=3.2; platform_system == 'Linux'",
         "numpy",
+        "ninja",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"],

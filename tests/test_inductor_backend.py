@@ -83,6 +83,86 @@ def test_dtypes(dtype):
     _check(student, teacher, weighting="ss")
 
 
+def _columns_reference(student, teacher, bases, scales, second):
+    """The columns (m, c, Z, S1, S2, n) of the row passes (`cpu_rows.cpp`), in float64 from their
+    definition: the specification the C++ is held to, entry by entry."""
+    s, t = student.double(), teacher.double()
+    finite_s = s != -math.inf
+    valid = finite_s & (t != -math.inf)
+    d = torch.where(valid, s - t, 0.0)
+    n = valid.double().sum(-1)
+    mean_d = d.sum(-1) / n.clamp_min(1.0)
+    columns = []
+    for base, scale in zip(bases, scales):
+        ok = finite_s if base == inductor_backend.CE else valid
+        if base == inductor_backend.U:
+            top, centre, p = torch.zeros_like(n), mean_d, valid.double()
+        else:
+            x = t if base == inductor_backend.T else s
+            top = torch.where(ok, x, -math.inf).amax(-1)
+            centre = mean_d
+            if second and base != inductor_backend.CE:
+                mode = valid & (x == top[:, None])
+                centre = torch.where(mode, d, 0.0).sum(-1) / mode.double().sum(-1).clamp_min(1.0)
+            shift = torch.where(top == -math.inf, 0.0, top)[:, None]
+            p = torch.where(ok, torch.exp2((x - shift) * scale), 0.0)
+        e = torch.where(valid, d - centre[:, None], 0.0)
+        z, s1, s2 = p.sum(-1), (p * e).sum(-1), (p * e * e).sum(-1)
+        if base == inductor_backend.CE or not second:
+            s2 = torch.zeros_like(n)
+        if base == inductor_backend.CE:
+            s1 = torch.zeros_like(n)
+        columns.append(torch.stack([top, centre, z, s1, s2, n], -1))
+    return torch.stack(columns, 1)
+
+
+ROW_PASS_VARIANTS = [((inductor_backend.S,), True), ((inductor_backend.T, inductor_backend.S), True),
+                     ((inductor_backend.S, inductor_backend.U, inductor_backend.CE), True),
+                     ((inductor_backend.U,), True), ((inductor_backend.S, inductor_backend.T), False)]
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float16,) * 2,
+                                    (torch.bfloat16, torch.float32), (torch.float32, torch.float16)], ids=str)
+@pytest.mark.parametrize("bases, second", ROW_PASS_VARIANTS, ids=str)
+def test_row_passes_match_their_definition(dtypes, bases, second):
+    """Every column of the C++ row passes against its float64 definition, for every base, mixed input
+    dtypes, every length of a row's last partial vector and a row longer than one block (BLOCK = 1024),
+    rows inside wider ones (a row stride), ties at the mode, -inf runs and rows without entries."""
+    scales = tuple((torch_backend.LOG2E / 1.5, torch_backend.LOG2E / 0.8, 0.0, torch_backend.LOG2E)[b]
+                   for b in bases)
+    for vocab in (*range(1, 35), 1024 + 21):
+        student = (3.0 * torch.randn(5, vocab + 7)).to(dtypes[0])[:, :vocab]
+        teacher = (student.double() + torch.randn(5, vocab)).to(dtypes[1])
+        student[1, :vocab // 2] = -math.inf
+        teacher[2, vocab // 3:] = -math.inf
+        student[3, ::2] = student[3].max()  # ties at the mode
+        teacher[4] = -math.inf  # no entry
+        got = inductor_backend._passes(student, teacher, bases, scales, second)
+        want = _columns_reference(student, teacher, bases, scales, second)
+        z, s2 = want[..., inductor_backend.Z], want[..., inductor_backend.S2]
+        for column in range(6):
+            name = f"V={vocab} column {column}"
+            a, b = got[..., column], want[..., column]
+            empty = b == -math.inf  # the maximum of a base without entries
+            assert torch.equal(a == -math.inf, empty), f"{name}: -inf at {a == -math.inf}, expected at {empty}"
+            a, b = a.masked_fill(empty, 0.0), b.masked_fill(empty, 0.0)
+            # S1 is a residual (the mean of d - c under the base): judged against its spread, sqrt(Z S2)
+            scale = (z * s2).sqrt().max().item() if column == inductor_backend.S1 else None
+            assert_close(a, b, dtype=torch.float32, name=name, scale=scale)
+
+
+def test_row_passes_propagate_nan():
+    """NaN is an entry, not an absence (the contract): it reaches Z of the base whose logit it is, and the
+    moments of d (S1, S2) of the other."""
+    student, teacher = torch.randn(3, 100), torch.randn(3, 100)
+    student[0, 17] = math.nan
+    teacher[1, 99] = math.nan
+    got = inductor_backend._passes(student, teacher, (inductor_backend.S, inductor_backend.T), (1.0, 1.0), True)
+    z, moments = got[..., inductor_backend.Z], got[..., inductor_backend.S1:inductor_backend.S2 + 1]
+    assert z[0, 0].isnan() and z[1, 1].isnan() and not z[2].isnan().any(), z
+    assert moments[0, 1].isnan().all() and moments[1, 0].isnan().all() and not moments[2].isnan().any(), moments
+
+
 def test_inf_patterns():
     """-inf runs in either side, rows with one valid entry and rows with none."""
     student, teacher = _logits(lead=(6,), vocab=301)

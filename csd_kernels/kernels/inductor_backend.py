@@ -1,22 +1,21 @@
 """The compiled CPU backend of `csd_loss` and `kl_loss` ("inductor"): the row statistics of `stats.py` in
-closed form over whole rows, compiled by Inductor's C++ code generation.
+closed form over whole rows, the forward's passes in hand-vectorised C++ and the backward compiled by
+Inductor's C++ code generation.
 
 Why a second PyTorch backend: on a CPU the chunked backend (`torch_backend.py`) runs some forty small
 eager ops per chunk, each a pass through memory, and is about 5x slower than `torch.compile` of a naive
-KL. Written over whole rows, the same statistics are a few reductions per row that Inductor fuses into
-one loop nest per call: an outer loop over rows (OpenMP threads) and, inside it, one vectorised loop
-per pass over the row, which stays in the core's L2 cache between passes. Nothing of size N x V is
-materialised besides the gradient itself.
+KL. Over whole rows, the same statistics are a few sweeps per row, and the row stays in the core's L2
+cache between sweeps. Nothing of size N x V is materialised besides the gradient itself.
 
-The forward is one compiled call. Every base the loss needs (S: x = s, T: x = t, U: x = 0, and the
-cross-entropy's softmax: x = s over every finite s, temperature 1) sits on a middle axis (N, B, V) of
-one broadcast expression, so the loop nest is rows, bases, then three passes over the row:
+The forward is one call of `cpu_rows.cpp` (an OpenMP loop over rows). For every base the loss needs
+(S: x = s, T: x = t, U: x = 0, and the cross-entropy's softmax: x = s over every finite s, temperature
+1) it sweeps the row for
 
-    1:  the maximum m_B of x over the base's entries, and their count n;
-    2:  the centre c_B: d at the mode (the mean of d over the entries where x = m_B, so for U the mean
-        of d), a masked sum where an argmax and a gather would split the loop nest;
+    1:  the maximum m_B of x over the base's entries (n and the sum of d once per row, for all bases);
+    2:  the centre c_B: d at the mode (the mean of d over the entries where x = m_B; for U, and for the
+        KL divergences, which need no second moment, the mean of d, so that they skip this sweep);
     3:  with p = exp2((x - m_B) log2(e) / tau_B) (1 for U) and e = d - c_B on the base's entries:
-        Z_B = sum p, S1_B = sum p e, S2_B = sum p e^2.
+        Z_B = sum p, S1_B = sum p e, S2_B = sum p e^2 (the cross-entropy needs Z alone).
 
     Then E_B[d - c_B] = S1 / Z and M2_B = S2 - S1^2 / Z.
 
@@ -24,25 +23,26 @@ The last subtraction cancels when the base's mean lies far from its centre compa
 the relative error of M2 is about F * 2^-24 with F = S2 Z / (S2 Z - S1^2). F is small for almost every
 row (at the mode of a peaked distribution F ~ 1; a flat one has its mode within a few spreads of the
 mean), and a row where F > 16 for any base is redone, those rows only, by the chunked backend's exact
-streaming pass. The KL divergences need no second moment: their centre is the mean of d, taken in
-pass 1, so each base costs two passes. Results agree with the chunked backend to fp32 rounding.
+streaming pass. Results agree with the chunked backend to fp32 rounding. float64 logits take the
+chunked backend's forward (the sweeps compute in fp32).
 
 Everything after the passes (the losses, the backward's row statistics) is `torch_backend.finalize`
 on the (N, stats.PARTIAL) layout, and the backward is `torch_backend.gradient` of the whole row in one
 compiled call, writing the gradient in the logits' dtype directly (no fp32 N x V temporary).
 
-Compilation: `torch.compile(dynamic=True)`, once per structural variant (which bases carry weight,
-cross-entropy or not, the dtypes, the loss spec for the backward) and not per shape; Inductor caches
-the C++ on disk, so a new process pays seconds less. Our own recompile limit is raised around these
-calls and hitting it is an error, never a silent eager run of the whole-row code (which would
-materialise N x V temporaries); where no C++ compiler is found, `available()` is False and "auto" keeps
-the chunked backend.
+Compilation: `cpu_rows.cpp` is built once per machine by `torch.utils.cpp_extension` (about 45 s on 2
+cores, then loaded from torch's extension cache); the backward by `torch.compile(dynamic=True)`, once
+per structural variant (the dtypes, the loss spec) and not per shape, cached on disk by Inductor. Our
+own recompile limit is raised around these calls and hitting it is an error, never a silent eager run
+of the whole-row code (which would materialise N x V temporaries); where no C++ compiler is found or
+the row passes do not build, `available()` is False and "auto" keeps the chunked backend.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from typing import Optional, Tuple
 
@@ -64,7 +64,8 @@ _INDUCTOR_OPTIONS = {"realize_reads_threshold": 1 << 10, "realize_opcount_thresh
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether Inductor can build C++ here (a compiler it can find, and a CPU codegen that works)."""
+    """Whether the compiled CPU backend works here: a C++ compiler that Inductor finds (for the backward)
+    and the forward's row passes built (`cpu_rows.cpp`; the first call on a machine builds it)."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
@@ -73,7 +74,7 @@ def available() -> bool:
         warnings.warn(f"csd_kernels: Inductor's C++ backend is unavailable ({type(error).__name__}: {error}); "
                       "the CPU uses the chunked PyTorch backend", RuntimeWarning, stacklevel=2)
         return False
-    return True
+    return _extension() is not None
 
 
 def _compiled(fn):
@@ -93,48 +94,41 @@ def _compiled(fn):
     return call
 
 
-def _safe(m):  # a row without any valid entry keeps m = -inf; exponents are then taken around 0
-    return torch.where(m == -math.inf, 0.0, m)
-
-
-# The bases of `_passes`, along a middle axis (N, B, V) of the row: S, T, U and the cross-entropy's
-# softmax (every finite student entry, temperature 1), each only where the loss needs it. One
-# broadcast expression serves every base, so Inductor generates one loop nest: rows, bases, and the
-# three passes over the row, which stays in cache between passes and bases.
+# The bases of the forward's row passes (`cpu_rows.cpp`): S, T, U and the cross-entropy's softmax (every
+# finite student entry, temperature 1), each only where the loss needs it; and the columns it returns.
 S, T, U, CE = 0, 1, 2, 3
-M, CENTRE, Z, S1, S2, COUNT = range(6)  # the per-base columns of `_passes`
+M, CENTRE, Z, S1, S2, COUNT = range(6)
+
+# at::vec picks its instructions from these macros when the module is compiled; the flags are those
+# Inductor builds its own kernels with for the CPU capability torch reports.
+_ISA_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
 
 
-def _passes_impl(student, teacher, bases, scales, second):
-    """The passes over (N, V) logits -> (N, len(bases), 6): per base (m, c, Z, S1, S2, n), with m
-    the maximum of its logits over its entries (0 for U), c its centre, p = exp2((x - m) * scale) (1
-    for U) and e = d - c: Z = sum p, S1 = sum p e, S2 = sum p e^2 (0 unless `second`; KL needs none),
-    and n its number of entries. Without `second` the centre is the mean of d, taken in the first pass
-    beside the maxima, so that each base costs two passes instead of three."""
-    dtype = _compute_dtype(student, teacher)
-    s, t = student.to(dtype)[:, None, :], teacher.to(dtype)[:, None, :]
-    code = torch.tensor(bases, device=student.device)[None, :, None]
-    scale = torch.tensor(scales, dtype=dtype, device=student.device)[None, :, None]
-    finite_s = s != -math.inf
-    valid = torch.where(code == CE, finite_s, finite_s & (t != -math.inf))
-    x = torch.where(code == T, t, torch.where(code == U, 0.0, s))
-    d = torch.where(valid, s - t, 0.0)
-    top = torch.where(valid, x, -math.inf).amax(-1, keepdim=True)
-    count = valid.to(dtype).sum(-1, keepdim=True)  # a float sum: an int64 one would split the loop nest
-    if second:
-        # The centre: d at the mode (the mean over ties; for U every entry ties: the mean of d), as a
-        # masked sum rather than an argmax and a gather, which would split the loop nest.
-        mode = valid & (x == top)
-        centre = torch.where(mode, d, 0.0).sum(-1, keepdim=True) / mode.to(dtype).sum(-1, keepdim=True).clamp_min(1.0)
-    else:  # only means are needed, and any centre within the spread of d keeps them precise
-        centre = d.sum(-1, keepdim=True) / count.clamp_min(1.0)
-    p = torch.where(valid, torch.exp2((x - _safe(top)) * scale), 0.0)
-    e = torch.where(valid, d - centre, 0.0)
-    pe = p * e
-    second_moment = (pe * e).sum(-1, keepdim=True) if second else torch.zeros_like(centre)
-    top = torch.where(code == U, 0.0, top)
-    return torch.cat([top, centre, p.sum(-1, keepdim=True), pe.sum(-1, keepdim=True), second_moment, count],
-                     dim=-1)
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """The compiled `cpu_rows.cpp` (built once per machine and CPU capability, then loaded from
+    torch's extension cache), or None with a warning where it does not build."""
+    from torch.utils.cpp_extension import load
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-fopenmp"] + _ISA_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+    try:
+        return load(f"csd_kernels_cpu_rows_{capability.lower()}",
+                    [os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_rows.cpp")],
+                    extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # no ninja, a compiler that rejects the flags, ...
+        warnings.warn(f"csd_kernels: the CPU row passes (cpu_rows.cpp) did not build ({type(error).__name__}: "
+                      f"{error}); the CPU uses the chunked PyTorch backend", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _passes(student, teacher, bases, scales, second):
+    """(N, V) logits -> (N, len(bases), 6): per base (m, c, Z, S1, S2, n), as `cpu_rows.cpp` defines them."""
+    return _extension().row_passes(student, teacher, list(bases), list(scales), second)
 
 
 def _gradient_impl(student, teacher, stats, active, labels, grad_rows, out, spec, sharded_labels):
@@ -146,7 +140,6 @@ def _gradient_impl(student, teacher, stats, active, labels, grad_rows, out, spec
     return out
 
 
-_passes = _compiled(_passes_impl)
 _gradient = _compiled(_gradient_impl)
 
 
@@ -167,7 +160,8 @@ def partials(student: torch.Tensor, teacher: torch.Tensor, active: torch.Tensor,
     """The (N, stats.PARTIAL) row statistics of these columns, as `torch_backend.partials` gives them."""
     n_rows = active.numel()
     s, t = _rows(student, n_rows), _rows(teacher, n_rows)
-    if s is None or t is None or n_rows == 0:  # a layout that only a copy would make rows of
+    # A layout that only a copy would make rows of, or float64 (the row passes compute in fp32).
+    if s is None or t is None or n_rows == 0 or _compute_dtype(student, teacher) == torch.float64:
         return torch_backend.partials(student, teacher, active, labels, spec)
     bases = tuple(b for b in (S, T, U) if spec.needs(b)) + ((CE,) if spec.has_ce else ())
     scales = tuple((LOG2E / spec.temperature, LOG2E / spec.teacher_temperature, 0.0, LOG2E)[b] for b in bases)

@@ -26,10 +26,14 @@ from typing import Optional, Tuple
 import torch
 
 from . import topk_torch
-from .inductor_backend import _compiled, _rows, _safe
+from .inductor_backend import _compiled, _rows
 from .torch_backend import LOG2E, _compute_dtype
 
 CANCEL = 2.0**-24  # the least tail mass, as a fraction of Z, that the subtraction resolves
+
+
+def _safe(m):  # a row without any valid entry keeps m = -inf; exponents are then taken around 0
+    return torch.where(m == -math.inf, 0.0, m)
 
 
 def _sums_impl(student, ids):

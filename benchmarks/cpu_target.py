@@ -4,8 +4,8 @@ For every (N, V, dtype) of the target grid, each provider's forward + backward i
 after 2 warm-ups, the first of which compiles) and divided by the time of `compiled-naive-kl` on the
 same inputs in the same run: the `ratio` column, whose target is <= 1.1. Separately, the one-off
 compilation a user meets on a first call: `first_call_s` is the first forward + backward of each
-provider at a small shape in a fresh process with an empty Inductor cache, `cached_first_call_s` the
-same in a second process that finds the first one's on-disk cache, `warm_call_s` the second call.
+provider at a small shape in a fresh process with empty Inductor and C++-extension caches,
+`cached_first_call_s` the same in a second process that finds the first one's on-disk caches, `warm_call_s` the second call.
 
     python -m benchmarks.cpu_target [--quick] [--out benchmarks/results/cpu] [--readme]
 
@@ -87,14 +87,16 @@ print(json.dumps(out))
 
 
 def first_calls(providers, log=print):
-    """{provider: (first call s with an empty Inductor cache, first call s in a second process that
-    finds the first one's cache, second call s)} at N = 256, V = 8192 fp32: what the one-off
+    """{provider: (first call s with empty Inductor and extension caches, first call s in a second
+    process that finds the first one's caches, second call s)} at N = 256, V = 8192 fp32: what the one-off
     compilation costs a user, on a machine's first run and on later runs."""
     result = {}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in providers:
         with tempfile.TemporaryDirectory() as cache:
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=root)
+            # Both caches empty: Inductor's and torch's extension cache, where the CPU backend's C++ row
+            # passes are built once per machine.
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCH_EXTENSIONS_DIR=cache, PYTHONPATH=root)
             runs = [json.loads(subprocess.run([sys.executable, "-c", _FIRST_CALL, name], capture_output=True,
                                               text=True, env=env, cwd=root, check=True).stdout.strip().splitlines()[-1])
                     for _ in range(2)]
@@ -148,8 +150,9 @@ def markdown(path) -> str:
             calls.setdefault(r["provider"], {})[r["metric"]] = float(r["value"])
     if calls:
         lines += ["", "One-off compilation, first forward + backward at N = 256, V = 8192 fp32 in a fresh process: "
-                  "with an empty Inductor cache (a machine's first run) / with the cache the first process left "
-                  "(later runs); then the second call: "
+                  "with empty Inductor and C++-extension caches (a machine's first run, which builds the CPU "
+                  "backend's row passes) / with the caches the first process left (later runs); then the "
+                  "second call: "
                   + "; ".join(f"`{p}` {c['first_call_s']:.1f} s / {c['cached_first_call_s']:.1f} s, then "
                               f"{c['warm_call_s'] * 1e3:.0f} ms" for p, c in calls.items()) + "."]
     return "\n".join(lines) + "\n"

@@ -17,11 +17,11 @@
 // converted masks; the forward then took about twice as long as the same passes written here (2 cores,
 // fp32, N = 2048, V = 32000: "ss" passes 59 -> 36 ms).
 //
-// Each base sweeps the row up to three times (maximum, centre, moments); the row (2V values) stays in the
-// core's L2 cache between sweeps, so only the first sweep reads memory. Sums are kept in fp32 vector
-// registers over blocks of BLOCK entries (BLOCK / W terms per lane) and added across blocks in double, so
-// they are as precise as a pairwise sum. The validity test follows the contract: -inf excluded, NaN kept
-// (it propagates through the maximum and the exponentials into Z).
+// Each row is swept three times for all its bases together (maxima, centres, moments: `one_row`); the row
+// (2V values) stays in the core's L2 cache between sweeps, so only the first sweep reads memory. Sums are
+// kept in fp32 vector registers over blocks of BLOCK entries (BLOCK / W terms per lane) and added across
+// blocks in double, so they are as precise as a pairwise sum. The validity test follows the contract:
+// -inf excluded, NaN kept (it propagates through the maximum and the exponentials into Z).
 
 #include <torch/extension.h>
 
@@ -110,128 +110,126 @@ struct Row {
   }
 };
 
-// The entries of a base: both logits finite, or for CE the student's.
-template <int64_t B>
+// The entries of the row: both logits finite (S, T, U); the cross-entropy's are those where s is finite.
 inline Vec entries(const Vec& s, const Vec& t) {
   const Vec inf(NEG_INF);
-  if constexpr (B == CE) {
-    return s != inf;
-  } else {
-    return (s != inf) & (t != inf);
-  }
+  return (s != inf) & (t != inf);
 }
 
-template <int64_t B>
-inline Vec logits(const Vec& s, const Vec& t) {
-  if constexpr (B == T) {
-    return t;
-  } else {
-    return s;
-  }
-}
+// The bases one call computes, the same for every row, and where each one's columns go.
+struct Plan {
+  bool has[4] = {false, false, false, false};  // indexed by Base
+  int64_t slot[4] = {-1, -1, -1, -1};
+  float scale[4] = {0.f, 0.f, 0.f, 0.f};
+  bool second = false;
+  int64_t n_bases = 0;
+};
 
-// A softmax base (S, T or CE): its maximum, centre and moments, written to out[COLUMNS].
-template <int64_t B, bool SECOND, typename XS, typename XT>
-void softmax_base(const Row<XS, XT>& row, float scale, double mean_d, float count, float* out) {
-  Vec top(NEG_INF);
-  row.sweep(0, row.V, [&](const Vec& s, const Vec& t) {
-    top = at::vec::maximum(top, Vec::blendv(Vec(NEG_INF), logits<B>(s, t), entries<B>(s, t)));
+// Accumulator slots of the moments sweep: (Z, S1, S2) of S and T, (S1, S2) of U, Z of CE.
+enum Acc : int { ZS, S1S, S2S, ZT, S1T, S2T, S1U, S2U, ZCE, ACCS };
+
+// All bases of one row in three sweeps, whichever bases the loss needs: (1) n, the sum of d and every
+// softmax's maximum; (2) the centres, d at each softmax's mode (only with second moments); (3) the
+// moments of every base. Each sweep loads s and t once for all bases (a separate sweep per base cost "ts"
+// about a third more). When the cross-entropy's softmax has S's scale and maximum (temperature 1 and a
+// finite teacher at the student's top entry), both take their weights from one exponential.
+template <typename XS, typename XT>
+void one_row(const Row<XS, XT>& row, const Plan& plan, float* out) {
+  const bool hs = plan.has[S], ht = plan.has[T], hu = plan.has[U], hce = plan.has[CE];
+  const Vec inf(NEG_INF), one(1.f);
+  Vec top_s(NEG_INF), top_t(NEG_INF), top_ce(NEG_INF);
+  const auto nd = row.template sums<2>([&](const Vec& s, const Vec& t, std::array<Vec, 2>& acc) {
+    const Vec ok = entries(s, t);
+    acc[0] = acc[0] + (one & ok);
+    acc[1] = acc[1] + ((s - t) & ok);
+    if (hs) top_s = at::vec::maximum(top_s, Vec::blendv(inf, s, ok));
+    if (ht) top_t = at::vec::maximum(top_t, Vec::blendv(inf, t, ok));
+    if (hce) top_ce = at::vec::maximum(top_ce, Vec::blendv(inf, s, s != inf));
   });
-  const float m = hmax(top);
-  const float m_safe = m == NEG_INF ? 0.f : m;  // a row without entries: every p is masked to 0
-  const Vec shift(m_safe * scale), step(scale), one(1.f);
-  float centre = static_cast<float>(mean_d);
-  if constexpr (B != CE && SECOND) {  // d at the mode, averaged over ties
-    const Vec mode(m);
-    auto at_mode = row.template sums<2>([&](const Vec& s, const Vec& t, std::array<Vec, 2>& acc) {
-      const Vec hit = entries<B>(s, t) & (logits<B>(s, t) == mode);
-      acc[0] = acc[0] + ((s - t) & hit);
-      acc[1] = acc[1] + (one & hit);
+  const float count = static_cast<float>(nd[0]);
+  const float mean_d = static_cast<float>(nd[1] / std::max(nd[0], 1.0));
+  float m[4] = {hmax(top_s), hmax(top_t), 0.f, hmax(top_ce)};
+  float centre[4] = {mean_d, mean_d, mean_d, mean_d};
+  if (plan.second && (hs || ht)) {  // d at the mode, averaged over ties
+    const Vec mode_s(m[S]), mode_t(m[T]);
+    const auto h = row.template sums<4>([&](const Vec& s, const Vec& t, std::array<Vec, 4>& acc) {
+      const Vec ok = entries(s, t), d = s - t;
+      if (hs) {
+        const Vec hit = ok & (s == mode_s);
+        acc[0] = acc[0] + (d & hit);
+        acc[1] = acc[1] + (one & hit);
+      }
+      if (ht) {
+        const Vec hit = ok & (t == mode_t);
+        acc[2] = acc[2] + (d & hit);
+        acc[3] = acc[3] + (one & hit);
+      }
     });
-    centre = static_cast<float>(at_mode[0] / std::max(at_mode[1], 1.0));
+    if (hs) centre[S] = static_cast<float>(h[0] / std::max(h[1], 1.0));
+    if (ht) centre[T] = static_cast<float>(h[2] / std::max(h[3], 1.0));
   }
-  const Vec c(centre);
-  double z = 0, s1 = 0, s2 = 0;
-  if constexpr (B == CE) {
-    z = row.template sums<1>([&](const Vec& s, const Vec& t, std::array<Vec, 1>& acc) {
-      acc[0] = acc[0] + (at::vec::fmsub(s, step, shift).exp2() & entries<B>(s, t));
-    })[0];
-  } else {
-    auto m3 = row.template sums<3>([&](const Vec& s, const Vec& t, std::array<Vec, 3>& acc) {
-      const Vec ok = entries<B>(s, t);
-      const Vec p = at::vec::fmsub(logits<B>(s, t), step, shift).exp2() & ok;
-      const Vec e = ((s - t) - c) & ok;
-      const Vec pe = p * e;
-      acc[0] = acc[0] + p;
-      acc[1] = acc[1] + pe;
-      if constexpr (SECOND) acc[2] = at::vec::fmadd(pe, e, acc[2]);
-    });
-    z = m3[0], s1 = m3[1], s2 = m3[2];
-  }
-  out[M] = m, out[CENTRE] = centre, out[Z] = static_cast<float>(z), out[S1] = static_cast<float>(s1);
-  out[S2] = static_cast<float>(s2), out[COUNT] = count;
-}
-
-// U: p = 1 on every entry, centred on the mean of d.
-template <bool SECOND, typename XS, typename XT>
-void uniform_base(const Row<XS, XT>& row, double mean_d, float count, float* out) {
-  const Vec c(static_cast<float>(mean_d));
-  auto m2 = row.template sums<2>([&](const Vec& s, const Vec& t, std::array<Vec, 2>& acc) {
-    const Vec e = ((s - t) - c) & entries<S>(s, t);
-    acc[0] = acc[0] + e;
-    if constexpr (SECOND) acc[1] = at::vec::fmadd(e, e, acc[1]);
+  // A base without entries has m = -inf: its exponentials are masked to 0, around a shift of 0.
+  auto shift = [&](int b) { return Vec((m[b] == NEG_INF ? 0.f : m[b]) * plan.scale[b]); };
+  const Vec shift_s = shift(S), shift_t = shift(T), shift_ce = shift(CE);
+  const Vec step_s(plan.scale[S]), step_t(plan.scale[T]), step_ce(plan.scale[CE]);
+  const Vec c_s(centre[S]), c_t(centre[T]), c_u(mean_d);
+  const bool shared = hs && hce && plan.scale[S] == plan.scale[CE] && m[S] == m[CE];
+  const bool second = plan.second;
+  const auto mo = row.template sums<ACCS>([&](const Vec& s, const Vec& t, std::array<Vec, ACCS>& acc) {
+    const Vec ok = entries(s, t), d = s - t;
+    Vec q(0.f);  // the cross-entropy's weights, every finite s
+    if (hce) q = at::vec::fmsub(s, shared ? step_s : step_ce, shared ? shift_s : shift_ce).exp2() & (s != inf);
+    if (hce) acc[ZCE] = acc[ZCE] + q;
+    if (hs) {
+      const Vec p = shared ? (q & ok) : (at::vec::fmsub(s, step_s, shift_s).exp2() & ok);
+      const Vec e = (d - c_s) & ok, pe = p * e;
+      acc[ZS] = acc[ZS] + p;
+      acc[S1S] = acc[S1S] + pe;
+      if (second) acc[S2S] = at::vec::fmadd(pe, e, acc[S2S]);
+    }
+    if (ht) {
+      const Vec p = at::vec::fmsub(t, step_t, shift_t).exp2() & ok;
+      const Vec e = (d - c_t) & ok, pe = p * e;
+      acc[ZT] = acc[ZT] + p;
+      acc[S1T] = acc[S1T] + pe;
+      if (second) acc[S2T] = at::vec::fmadd(pe, e, acc[S2T]);
+    }
+    if (hu) {
+      const Vec e = (d - c_u) & ok;
+      acc[S1U] = acc[S1U] + e;
+      if (second) acc[S2U] = at::vec::fmadd(e, e, acc[S2U]);
+    }
   });
-  out[M] = 0.f, out[CENTRE] = static_cast<float>(mean_d), out[Z] = count;
-  out[S1] = static_cast<float>(m2[0]), out[S2] = static_cast<float>(m2[1]), out[COUNT] = count;
+  auto write = [&](int b, double z, double s1, double s2) {
+    float* o = out + plan.slot[b] * COLUMNS;
+    o[M] = m[b], o[CENTRE] = centre[b], o[Z] = static_cast<float>(z), o[S1] = static_cast<float>(s1);
+    o[S2] = static_cast<float>(s2), o[COUNT] = count;
+  };
+  if (hs) write(S, mo[ZS], mo[S1S], mo[S2S]);
+  if (ht) write(T, mo[ZT], mo[S1T], mo[S2T]);
+  if (hu) write(U, nd[0], mo[S1U], mo[S2U]);
+  if (hce) write(CE, mo[ZCE], 0.0, 0.0);
 }
 
-template <bool SECOND, typename XS, typename XT>
+template <typename XS, typename XT>
 void rows(const XS* s, const XT* t, int64_t n_rows, int64_t V, int64_t stride_s, int64_t stride_t,
-          const std::vector<int64_t>& bases, const std::vector<double>& scales, float* out) {
-  const int64_t nb = static_cast<int64_t>(bases.size());
+          const Plan& plan, float* out) {
   at::parallel_for(0, n_rows, 1, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
-      const Row<XS, XT> row{s + r * stride_s, t + r * stride_t, V};
-      const Vec one(1.f);
-      // n and the sum of d over the entries (the centre of U and of every base without second moments)
-      auto nd = row.template sums<2>([&](const Vec& a, const Vec& b, std::array<Vec, 2>& acc) {
-        const Vec ok = entries<S>(a, b);
-        acc[0] = acc[0] + (one & ok);
-        acc[1] = acc[1] + ((a - b) & ok);
-      });
-      const float count = static_cast<float>(nd[0]);
-      const double mean_d = nd[1] / std::max(nd[0], 1.0);
-      for (int64_t i = 0; i < nb; ++i) {
-        float* o = out + (r * nb + i) * COLUMNS;
-        const float scale = static_cast<float>(scales[i]);
-        switch (bases[i]) {
-          case S: softmax_base<S, SECOND>(row, scale, mean_d, count, o); break;
-          case T: softmax_base<T, SECOND>(row, scale, mean_d, count, o); break;
-          case CE: softmax_base<CE, SECOND>(row, scale, mean_d, count, o); break;
-          default: uniform_base<SECOND>(row, mean_d, count, o); break;
-        }
-      }
+      one_row(Row<XS, XT>{s + r * stride_s, t + r * stride_t, V}, plan, out + r * plan.n_bases * COLUMNS);
     }
   });
 }
 
-template <typename XS, typename XT>
-void dispatch_second(const torch::Tensor& s, const torch::Tensor& t, const std::vector<int64_t>& bases,
-                     const std::vector<double>& scales, bool second, torch::Tensor& out) {
-  auto call = [&](auto flag) {
-    rows<decltype(flag)::value>(s.data_ptr<XS>(), t.data_ptr<XT>(), s.size(0), s.size(1), s.stride(0),
-                                t.stride(0), bases, scales, out.data_ptr<float>());
-  };
-  if (second) call(std::true_type{}); else call(std::false_type{});
-}
-
 template <typename XS>
-void dispatch_teacher(const torch::Tensor& s, const torch::Tensor& t, const std::vector<int64_t>& bases,
-                      const std::vector<double>& scales, bool second, torch::Tensor& out) {
+void dispatch_teacher(const torch::Tensor& s, const torch::Tensor& t, const Plan& plan, torch::Tensor& out) {
+  auto call = [&](auto* teacher) {
+    rows(s.data_ptr<XS>(), teacher, s.size(0), s.size(1), s.stride(0), t.stride(0), plan, out.data_ptr<float>());
+  };
   switch (t.scalar_type()) {
-    case at::kFloat: dispatch_second<XS, float>(s, t, bases, scales, second, out); break;
-    case at::kBFloat16: dispatch_second<XS, at::BFloat16>(s, t, bases, scales, second, out); break;
-    case at::kHalf: dispatch_second<XS, at::Half>(s, t, bases, scales, second, out); break;
+    case at::kFloat: call(t.data_ptr<float>()); break;
+    case at::kBFloat16: call(t.data_ptr<at::BFloat16>()); break;
+    case at::kHalf: call(t.data_ptr<at::Half>()); break;
     default: TORCH_CHECK(false, "cpu_rows: teacher logits must be float32, bfloat16 or float16");
   }
 }
@@ -244,12 +242,20 @@ torch::Tensor row_passes(torch::Tensor student, torch::Tensor teacher, std::vect
   TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), "cpu_rows: (N, V) logits of one shape");
   TORCH_CHECK(student.stride(1) == 1 && teacher.stride(1) == 1, "cpu_rows: unit stride along V");
   TORCH_CHECK(bases.size() == scales.size(), "cpu_rows: one scale per base");
+  Plan plan;
+  plan.second = second;
+  plan.n_bases = static_cast<int64_t>(bases.size());
+  for (int64_t i = 0; i < plan.n_bases; ++i) {
+    const int64_t b = bases[i];
+    TORCH_CHECK(b >= S && b <= CE && !plan.has[b], "cpu_rows: bases are distinct, each one of S, T, U, CE");
+    plan.has[b] = true, plan.slot[b] = i, plan.scale[b] = static_cast<float>(scales[i]);
+  }
   auto out = torch::empty({student.size(0), static_cast<int64_t>(bases.size()), COLUMNS},
                           student.options().dtype(at::kFloat));
   switch (student.scalar_type()) {
-    case at::kFloat: dispatch_teacher<float>(student, teacher, bases, scales, second, out); break;
-    case at::kBFloat16: dispatch_teacher<at::BFloat16>(student, teacher, bases, scales, second, out); break;
-    case at::kHalf: dispatch_teacher<at::Half>(student, teacher, bases, scales, second, out); break;
+    case at::kFloat: dispatch_teacher<float>(student, teacher, plan, out); break;
+    case at::kBFloat16: dispatch_teacher<at::BFloat16>(student, teacher, plan, out); break;
+    case at::kHalf: dispatch_teacher<at::Half>(student, teacher, plan, out); break;
     default: TORCH_CHECK(false, "cpu_rows: student logits must be float32, bfloat16 or float16");
   }
   return out;

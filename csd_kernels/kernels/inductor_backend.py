@@ -9,9 +9,9 @@ cache between sweeps. Nothing of size N x V is materialised besides the gradient
 
 The forward is one call of `cpu_rows.cpp` (an OpenMP loop over rows). For every base the loss needs
 (S: x = s, T: x = t, U: x = 0, and the cross-entropy's softmax: x = s over every finite s, temperature
-1) it sweeps the row for
+1) it computes, in three sweeps of the row shared by all bases,
 
-    1:  the maximum m_B of x over the base's entries (n and the sum of d once per row, for all bases);
+    1:  the maximum m_B of x over the base's entries (and n and the sum of d);
     2:  the centre c_B: d at the mode (the mean of d over the entries where x = m_B; for U, and for the
         KL divergences, which need no second moment, the mean of d, so that they skip this sweep);
     3:  with p = exp2((x - m_B) log2(e) / tau_B) (1 for U) and e = d - c_B on the base's entries:

@@ -315,3 +315,55 @@ def test_cpu_target_benchmark_reports_ratios_from_one_run(tmp_path):
     rounding = 5e-4 * (1 / ms["csd-ss"] + 1 / ms["compiled-naive-kl"]) * expected + 5e-5
     assert ratio["csd-ss"] == pytest.approx(expected, abs=rounding)
     assert f"{ms['kl-forward']:.0f} ({ratio['kl-forward']:.2f})" in cpu_target.markdown(path)
+
+
+def _gradient_cases():
+    from csd_kernels.contract import LossSpec, kl_spec, parse_weighting
+
+    for code in ("ss", "st", "su", "ts", "tt", "tu", "us", "ut", "uu"):
+        yield code, LossSpec(*parse_weighting(code), 1.5, 0.8)
+    mixture = parse_weighting(({"student": 0.5, "teacher": 0.3, "uniform": 0.2}, "teacher"))
+    yield "mix+ce", LossSpec(*mixture, 1.5, 0.8, csd_weight=0.6, ce_weight=0.7)
+    yield "ss+ce", LossSpec(*parse_weighting("ss"), 1.0, 1.0, ce_weight=1.0)
+    yield "kl-forward", kl_spec("forward", 2.0)
+    yield "kl-reverse", kl_spec("reverse", 0.7)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.bfloat16,) * 3, (torch.float16,) * 3,
+                                    (torch.float32, torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("name, spec", list(_gradient_cases()), ids=lambda x: x if isinstance(x, str) else "")
+def test_row_gradient_matches_its_definition(dtypes, name, spec):
+    """The C++ backward (`cpu_rows.cpp`) against `torch_backend.gradient` in float64 on the same row
+    statistics, for every weighting, the mixture with the cross-entropy and csd_weight, both KLs; student,
+    teacher and gradient dtypes; every length of a row's last partial vector; -inf runs; inactive rows
+    (statistics of NaN); an upstream gradient per row; labels at the first and last column, ignored, out of
+    range (a NaN row) and owned by another shard (sharded: no NaN); and the gradient written over the
+    student's own storage (the in-place backward)."""
+    for vocab in (*range(1, 35, 3), 1024 + 21):
+        student = (3.0 * torch.randn(6, vocab)).to(dtypes[0])
+        teacher = (student.double() + torch.randn(6, vocab)).to(dtypes[1])
+        student[1, : vocab // 2] = -math.inf
+        teacher[2, vocab // 3:] = -math.inf
+        active = torch.tensor([True, True, True, False, True, True])
+        labels = torch.tensor([0, vocab - 1, -100, 5, vocab, vocab // 2])
+        active_ce = active & (labels != -100)
+        _, _, stats = inductor_backend.forward(student, teacher, active if not spec.has_ce else active_ce,
+                                               labels if spec.has_ce else None, spec)
+        stats[3] = math.nan  # an inactive row's statistics never reach its gradient
+        grad_rows = torch.rand(6) + 0.5
+        act = active_ce if spec.has_ce else active
+        for sharded in ((False, True) if spec.has_ce else (False,)):
+            want = torch_backend.gradient(student.double(), teacher.double(), 0, vocab, vocab, stats.double(), act,
+                                          labels[:, None] if spec.has_ce else None, grad_rows.double(), spec, sharded)
+            out = torch.empty(6, vocab, dtype=dtypes[2])
+            got = inductor_backend.backward(student, teacher, act, labels if spec.has_ce else None, stats, grad_rows,
+                                            spec, out=out, sharded_labels=sharded)
+            assert got is out
+            where = f"{name} V={vocab} sharded={sharded}"
+            assert torch.equal(got.isnan(), want.isnan()), f"{where}: NaN at {got.isnan().nonzero().tolist()}"
+            assert_close(got.nan_to_num(), want.nan_to_num().to(dtypes[2]), dtype=dtypes[2], name=where)
+            if dtypes[0] == dtypes[2]:  # in place: the gradient over the student's storage
+                inplace = student.clone()
+                inductor_backend.backward(inplace, teacher, act, labels if spec.has_ce else None, stats, grad_rows,
+                                          spec, out=inplace, sharded_labels=sharded)
+                assert torch.equal(inplace.nan_to_num(), got.nan_to_num()), f"{where}: in place differs"

@@ -234,6 +234,123 @@ void dispatch_teacher(const torch::Tensor& s, const torch::Tensor& t, const Plan
   }
 }
 
+// The backward: the gradient of whole rows from the forward's row statistics (the columns of stats.py),
+// entry by entry as torch_backend.gradient defines it, written in the logits' dtype. One read of s and t
+// and one write of the gradient per entry; the weights are recomputed as exp2((x - m) * scale - log2 Z).
+enum Stat : int64_t { M_S = 0, LOG2Z_S, M_T, LOG2Z_T, E_W1, E_W2, SHIFT, INV_N, M_1, LOG2Z_1 };
+enum Kind : int64_t { CSD = 0, KL_FORWARD = 1, KL_REVERSE = 2 };  // contract.KINDS
+
+struct GradPlan {
+  int64_t kind = CSD;
+  float w1[3] = {0.f, 0.f, 0.f}, w2[3] = {0.f, 0.f, 0.f};  // mixture coefficients of S, T, U
+  float scale_s = 0.f, scale_t = 0.f;                       // log2(e) / temperature of each side
+  float temperature = 1.f, csd_weight = 1.f, ce_weight = 0.f;
+  bool sharded_labels = false;
+};
+
+// sum_B a_B base_B over the bases with a_B > 0, as torch_backend._mix (0 * inf would be NaN)
+inline Vec mix(const float* a, const Vec& bs, const Vec& bt, const Vec& bu) {
+  Vec total(0.f);
+  if (a[S] > 0.f) total = at::vec::fmadd(Vec(a[S]), bs, total);
+  if (a[T] > 0.f) total = at::vec::fmadd(Vec(a[T]), bt, total);
+  if (a[U] > 0.f) total = at::vec::fmadd(Vec(a[U]), bu, total);
+  return total;
+}
+
+template <typename X>
+inline void store_vec(X* p, const Vec& v, int64_t count) {
+  if constexpr (std::is_same_v<X, float>) {
+    v.store(p, count);
+  } else {
+    at::vec::convert_from_float<X>(v, v).store(p, count);  // the first W entries are v's
+  }
+}
+
+template <typename XS, typename XT, typename XG>
+void gradient_rows(const XS* s_ptr, const XT* t_ptr, XG* g_ptr, const float* stats, const bool* active,
+                   const int64_t* labels, const float* grad_rows, int64_t n_rows, int64_t V, int64_t stride_s,
+                   int64_t stride_t, int64_t stride_g, int64_t stride_stats, const GradPlan& plan) {
+  const bool need_s = plan.w1[S] > 0.f || plan.w2[S] > 0.f, need_t = plan.w1[T] > 0.f || plan.w2[T] > 0.f;
+  const bool has_ce = labels != nullptr;
+  at::parallel_for(0, n_rows, 1, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      XG* g_row = g_ptr + r * stride_g;
+      if (!active[r]) {  // an ignored row: 0, whatever its statistics hold
+        for (int64_t j = 0; j < V; j += W) store_vec(g_row + j, Vec(0.f), std::min(W, V - j));
+        continue;
+      }
+      const Row<XS, XT> row{s_ptr + r * stride_s, t_ptr + r * stride_t, V};
+      const float* st = stats + r * stride_stats;
+      const Vec m_s(st[M_S]), lz_s(st[LOG2Z_S]), m_t(st[M_T]), lz_t(st[LOG2Z_T]), e1(st[E_W1]), e2(st[E_W2]);
+      const Vec shift(st[SHIFT]), inv_n(st[INV_N]), m_1(st[M_1]), lz_1(st[LOG2Z_1]);
+      const Vec step_s(plan.scale_s), step_t(plan.scale_t), log2e(static_cast<float>(M_LOG2E)), half(0.5f);
+      const Vec zero(0.f), one(1.f), scale(grad_rows[r]);
+      const int64_t label = has_ce ? labels[r] : -1;
+      // A label outside [0, V) makes the row NaN (no host check), unless it belongs to another shard.
+      const bool bad_label = has_ce && !plan.sharded_labels && (label < 0 || label >= V);
+      int64_t j = 0;
+      row.sweep(0, V, [&](const Vec& s, const Vec& t) {
+        const Vec dd = (s - t) - shift;
+        const Vec bs = need_s ? ((s - m_s) * step_s - lz_s).exp2() : zero;
+        const Vec bt = need_t ? ((t - m_t) * step_t - lz_t).exp2() : zero;
+        Vec g;
+        if (plan.kind == CSD) {
+          g = half * (mix(plan.w2, bs, bt, inv_n) * (dd - e1) + mix(plan.w1, bs, bt, inv_n) * (dd - e2));
+        } else if (plan.kind == KL_FORWARD) {
+          g = (bs - bt) / Vec(plan.temperature);
+        } else {
+          g = bs * (dd - e1) / Vec(plan.temperature * plan.temperature);
+        }
+        g = Vec::blendv(zero, g, entries(s, t));
+        if (plan.csd_weight != 1.f) g = Vec(plan.csd_weight) * g;
+        if (has_ce) {  // softmax(s) - onehot(label)
+          Vec ce = ((s - m_1) * log2e - lz_1).exp2();
+          if (label >= j && label < j + W) {
+            alignas(64) float hot[W] = {};
+            hot[label - j] = 1.f;
+            ce = ce - Vec::loadu(hot);
+          }
+          if (bad_label) ce = Vec(std::numeric_limits<float>::quiet_NaN());
+          g = g + Vec(plan.ce_weight) * ce;
+        }
+        store_vec(g_row + j, scale * g, std::min(W, V - j));
+        j += W;
+      });
+    }
+  });
+}
+
+template <typename XS, typename XT>
+void dispatch_gradient_out(const torch::Tensor& s, const torch::Tensor& t, const torch::Tensor& stats,
+                           const torch::Tensor& active, const c10::optional<torch::Tensor>& labels,
+                           const torch::Tensor& grad_rows, torch::Tensor& out, const GradPlan& plan) {
+  auto call = [&](auto* g) {
+    gradient_rows(s.data_ptr<XS>(), t.data_ptr<XT>(), g, stats.data_ptr<float>(), active.data_ptr<bool>(),
+                  labels ? labels->data_ptr<int64_t>() : nullptr, grad_rows.data_ptr<float>(), s.size(0),
+                  s.size(1), s.stride(0), t.stride(0), out.stride(0), stats.stride(0), plan);
+  };
+  switch (out.scalar_type()) {
+    case at::kFloat: call(out.data_ptr<float>()); break;
+    case at::kBFloat16: call(out.data_ptr<at::BFloat16>()); break;
+    case at::kHalf: call(out.data_ptr<at::Half>()); break;
+    default: TORCH_CHECK(false, "cpu_rows: the gradient must be float32, bfloat16 or float16");
+  }
+}
+
+template <typename XS>
+void dispatch_gradient_teacher(const torch::Tensor& s, const torch::Tensor& t, const torch::Tensor& stats,
+                               const torch::Tensor& active, const c10::optional<torch::Tensor>& labels,
+                               const torch::Tensor& grad_rows, torch::Tensor& out, const GradPlan& plan) {
+  switch (t.scalar_type()) {
+    case at::kFloat: dispatch_gradient_out<XS, float>(s, t, stats, active, labels, grad_rows, out, plan); break;
+    case at::kBFloat16:
+      dispatch_gradient_out<XS, at::BFloat16>(s, t, stats, active, labels, grad_rows, out, plan);
+      break;
+    case at::kHalf: dispatch_gradient_out<XS, at::Half>(s, t, stats, active, labels, grad_rows, out, plan); break;
+    default: TORCH_CHECK(false, "cpu_rows: teacher logits must be float32, bfloat16 or float16");
+  }
+}
+
 }  // namespace
 
 // (N, V) student and teacher logits with unit stride along V -> (N, len(bases), 6) float32.
@@ -261,6 +378,42 @@ torch::Tensor row_passes(torch::Tensor student, torch::Tensor teacher, std::vect
   return out;
 }
 
+// The gradient of (N, V) rows into `out` (N, V, unit stride along V): stats (N, NUM_STATS) float32, active
+// (N,) bool, labels (N,) int64 with a cross-entropy, grad_rows (N,) float32; w1, w2 the mixtures over
+// (S, T, U); kind as contract.KINDS.
+void row_gradient(torch::Tensor student, torch::Tensor teacher, torch::Tensor stats, torch::Tensor active,
+                  c10::optional<torch::Tensor> labels, torch::Tensor grad_rows, torch::Tensor out, int64_t kind,
+                  std::vector<double> w1, std::vector<double> w2, double temperature, double teacher_temperature,
+                  double csd_weight, double ce_weight, bool sharded_labels) {
+  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes() && out.sizes() == student.sizes(),
+              "cpu_rows: (N, V) logits and gradient of one shape");
+  TORCH_CHECK(student.stride(1) == 1 && teacher.stride(1) == 1 && out.stride(1) == 1, "cpu_rows: unit stride along V");
+  const int64_t n = student.size(0);
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.size(0) == n && stats.size(1) > LOG2Z_1 &&
+              stats.stride(1) == 1, "cpu_rows: (N, NUM_STATS) float32 statistics");
+  TORCH_CHECK(active.scalar_type() == at::kBool && active.is_contiguous() && active.numel() == n, "cpu_rows: (N,) bool active");
+  TORCH_CHECK(grad_rows.scalar_type() == at::kFloat && grad_rows.is_contiguous() && grad_rows.numel() == n,
+              "cpu_rows: (N,) float32 grad_rows");
+  TORCH_CHECK(!labels || (labels->scalar_type() == at::kLong && labels->is_contiguous() && labels->numel() == n),
+              "cpu_rows: (N,) int64 labels");
+  TORCH_CHECK(w1.size() == 3 && w2.size() == 3 && kind >= CSD && kind <= KL_REVERSE, "cpu_rows: mixtures over (S, T, U)");
+  GradPlan plan;
+  plan.kind = kind;
+  for (int b = 0; b < 3; ++b) plan.w1[b] = static_cast<float>(w1[b]), plan.w2[b] = static_cast<float>(w2[b]);
+  plan.scale_s = static_cast<float>(M_LOG2E / temperature), plan.scale_t = static_cast<float>(M_LOG2E / teacher_temperature);
+  plan.temperature = static_cast<float>(temperature), plan.csd_weight = static_cast<float>(csd_weight);
+  plan.ce_weight = static_cast<float>(ce_weight), plan.sharded_labels = sharded_labels;
+  switch (student.scalar_type()) {
+    case at::kFloat: dispatch_gradient_teacher<float>(student, teacher, stats, active, labels, grad_rows, out, plan); break;
+    case at::kBFloat16:
+      dispatch_gradient_teacher<at::BFloat16>(student, teacher, stats, active, labels, grad_rows, out, plan);
+      break;
+    case at::kHalf: dispatch_gradient_teacher<at::Half>(student, teacher, stats, active, labels, grad_rows, out, plan); break;
+    default: TORCH_CHECK(false, "cpu_rows: student logits must be float32, bfloat16 or float16");
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_passes", &row_passes, "the forward row passes of csd_kernels' compiled CPU backend");
+  m.def("row_gradient", &row_gradient, "the backward of csd_kernels' compiled CPU backend");
 }

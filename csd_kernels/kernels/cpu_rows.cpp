@@ -221,16 +221,14 @@ void rows(const XS* s, const XT* t, int64_t n_rows, int64_t V, int64_t stride_s,
   });
 }
 
-template <typename XS>
-void dispatch_teacher(const torch::Tensor& s, const torch::Tensor& t, const Plan& plan, torch::Tensor& out) {
-  auto call = [&](auto* teacher) {
-    rows(s.data_ptr<XS>(), teacher, s.size(0), s.size(1), s.stride(0), t.stride(0), plan, out.data_ptr<float>());
-  };
-  switch (t.scalar_type()) {
-    case at::kFloat: call(t.data_ptr<float>()); break;
-    case at::kBFloat16: call(t.data_ptr<at::BFloat16>()); break;
-    case at::kHalf: call(t.data_ptr<at::Half>()); break;
-    default: TORCH_CHECK(false, "cpu_rows: teacher logits must be float32, bfloat16 or float16");
+// f(typed data pointer) for a tensor of logits or of the gradient: float32, bfloat16 or float16.
+template <typename F>
+void with_data(const torch::Tensor& x, const char* what, F&& f) {
+  switch (x.scalar_type()) {
+    case at::kFloat: f(x.data_ptr<float>()); break;
+    case at::kBFloat16: f(x.data_ptr<at::BFloat16>()); break;
+    case at::kHalf: f(x.data_ptr<at::Half>()); break;
+    default: TORCH_CHECK(false, "cpu_rows: ", what, " must be float32, bfloat16 or float16, got ", x.scalar_type());
   }
 }
 
@@ -284,7 +282,7 @@ void gradient_rows(const XS* s_ptr, const XT* t_ptr, XG* g_ptr, const float* sta
       const Vec m_s(st[M_S]), lz_s(st[LOG2Z_S]), m_t(st[M_T]), lz_t(st[LOG2Z_T]), e1(st[E_W1]), e2(st[E_W2]);
       const Vec shift(st[SHIFT]), inv_n(st[INV_N]), m_1(st[M_1]), lz_1(st[LOG2Z_1]);
       const Vec step_s(plan.scale_s), step_t(plan.scale_t), log2e(static_cast<float>(M_LOG2E)), half(0.5f);
-      const Vec zero(0.f), one(1.f), scale(grad_rows[r]);
+      const Vec zero(0.f), scale(grad_rows[r]);
       const int64_t label = has_ce ? labels[r] : -1;
       // A label outside [0, V) makes the row NaN (no host check), unless it belongs to another shard.
       const bool bad_label = has_ce && !plan.sharded_labels && (label < 0 || label >= V);
@@ -320,37 +318,6 @@ void gradient_rows(const XS* s_ptr, const XT* t_ptr, XG* g_ptr, const float* sta
   });
 }
 
-template <typename XS, typename XT>
-void dispatch_gradient_out(const torch::Tensor& s, const torch::Tensor& t, const torch::Tensor& stats,
-                           const torch::Tensor& active, const c10::optional<torch::Tensor>& labels,
-                           const torch::Tensor& grad_rows, torch::Tensor& out, const GradPlan& plan) {
-  auto call = [&](auto* g) {
-    gradient_rows(s.data_ptr<XS>(), t.data_ptr<XT>(), g, stats.data_ptr<float>(), active.data_ptr<bool>(),
-                  labels ? labels->data_ptr<int64_t>() : nullptr, grad_rows.data_ptr<float>(), s.size(0),
-                  s.size(1), s.stride(0), t.stride(0), out.stride(0), stats.stride(0), plan);
-  };
-  switch (out.scalar_type()) {
-    case at::kFloat: call(out.data_ptr<float>()); break;
-    case at::kBFloat16: call(out.data_ptr<at::BFloat16>()); break;
-    case at::kHalf: call(out.data_ptr<at::Half>()); break;
-    default: TORCH_CHECK(false, "cpu_rows: the gradient must be float32, bfloat16 or float16");
-  }
-}
-
-template <typename XS>
-void dispatch_gradient_teacher(const torch::Tensor& s, const torch::Tensor& t, const torch::Tensor& stats,
-                               const torch::Tensor& active, const c10::optional<torch::Tensor>& labels,
-                               const torch::Tensor& grad_rows, torch::Tensor& out, const GradPlan& plan) {
-  switch (t.scalar_type()) {
-    case at::kFloat: dispatch_gradient_out<XS, float>(s, t, stats, active, labels, grad_rows, out, plan); break;
-    case at::kBFloat16:
-      dispatch_gradient_out<XS, at::BFloat16>(s, t, stats, active, labels, grad_rows, out, plan);
-      break;
-    case at::kHalf: dispatch_gradient_out<XS, at::Half>(s, t, stats, active, labels, grad_rows, out, plan); break;
-    default: TORCH_CHECK(false, "cpu_rows: teacher logits must be float32, bfloat16 or float16");
-  }
-}
-
 }  // namespace
 
 // (N, V) student and teacher logits with unit stride along V -> (N, len(bases), 6) float32.
@@ -369,12 +336,11 @@ torch::Tensor row_passes(torch::Tensor student, torch::Tensor teacher, std::vect
   }
   auto out = torch::empty({student.size(0), static_cast<int64_t>(bases.size()), COLUMNS},
                           student.options().dtype(at::kFloat));
-  switch (student.scalar_type()) {
-    case at::kFloat: dispatch_teacher<float>(student, teacher, plan, out); break;
-    case at::kBFloat16: dispatch_teacher<at::BFloat16>(student, teacher, plan, out); break;
-    case at::kHalf: dispatch_teacher<at::Half>(student, teacher, plan, out); break;
-    default: TORCH_CHECK(false, "cpu_rows: student logits must be float32, bfloat16 or float16");
-  }
+  with_data(student, "student logits", [&](auto* s) {
+    with_data(teacher, "teacher logits", [&](auto* t) {
+      rows(s, t, student.size(0), student.size(1), student.stride(0), teacher.stride(0), plan, out.data_ptr<float>());
+    });
+  });
   return out;
 }
 
@@ -403,14 +369,15 @@ void row_gradient(torch::Tensor student, torch::Tensor teacher, torch::Tensor st
   plan.scale_s = static_cast<float>(M_LOG2E / temperature), plan.scale_t = static_cast<float>(M_LOG2E / teacher_temperature);
   plan.temperature = static_cast<float>(temperature), plan.csd_weight = static_cast<float>(csd_weight);
   plan.ce_weight = static_cast<float>(ce_weight), plan.sharded_labels = sharded_labels;
-  switch (student.scalar_type()) {
-    case at::kFloat: dispatch_gradient_teacher<float>(student, teacher, stats, active, labels, grad_rows, out, plan); break;
-    case at::kBFloat16:
-      dispatch_gradient_teacher<at::BFloat16>(student, teacher, stats, active, labels, grad_rows, out, plan);
-      break;
-    case at::kHalf: dispatch_gradient_teacher<at::Half>(student, teacher, stats, active, labels, grad_rows, out, plan); break;
-    default: TORCH_CHECK(false, "cpu_rows: student logits must be float32, bfloat16 or float16");
-  }
+  with_data(student, "student logits", [&](auto* s) {
+    with_data(teacher, "teacher logits", [&](auto* t) {
+      with_data(out, "the gradient", [&](auto* g) {
+        gradient_rows(s, t, g, stats.data_ptr<float>(), active.data_ptr<bool>(),
+                      labels ? labels->data_ptr<int64_t>() : nullptr, grad_rows.data_ptr<float>(), n,
+                      student.size(1), student.stride(0), teacher.stride(0), out.stride(0), stats.stride(0), plan);
+      });
+    });
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -67,8 +67,9 @@ _INDUCTOR_OPTIONS = {"realize_reads_threshold": 1 << 10, "realize_opcount_thresh
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether the compiled CPU backend works here: a C++ compiler that Inductor finds (for the backward)
-    and the forward's row passes built (`cpu_rows.cpp`; the first call on a machine builds it)."""
+    """Whether the compiled CPU backend works here: a C++ compiler that Inductor finds (for the float64
+    backward and the top-k backend) and the row passes built (`cpu_rows.cpp`; the first call on a machine
+    builds it)."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 

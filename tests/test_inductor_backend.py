@@ -6,6 +6,7 @@ and its fallback, and no recompilation across shapes.
 Each structural variant compiles once (seconds); the cases below reuse a few of them on purpose."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -317,6 +318,29 @@ def test_cpu_target_benchmark_reports_ratios_from_one_run(tmp_path):
     assert f"{ms['kl-forward']:.0f} ({ratio['kl-forward']:.2f})" in cpu_target.markdown(path)
 
 
+@pytest.mark.slow
+def test_cpu_target_reports_the_huge_page_run_beside(tmp_path):
+    """The second run (THP_MEM_ALLOC_ENABLE=1, in its own process) lands in the CSV as time_ms_thp and
+    ratio_thp rows and in a table of its own, leaving the default run's rows as they are."""
+    import csv
+
+    from benchmarks import cpu_target
+
+    grid, providers = [(8, 300, "float32")], ("compiled-naive-kl", "csd-ss")
+    times = cpu_target.run_grid(grid, providers, log=lambda *a: None)
+    huge = cpu_target.huge_page_grid(grid, providers, log=lambda *a: None)
+    assert set(huge) == set(times) and all(ms > 0 for ms in huge.values())
+    path = cpu_target.write_csv(str(tmp_path / "cpu_target.csv"), times, {}, huge)
+    rows = list(csv.DictReader(open(path)))
+    got = {(r["provider"], r["metric"]): float(r["value"]) for r in rows}
+    assert got["csd-ss", "ratio_thp"] == pytest.approx(huge["csd-ss", 8, 300, "float32"]
+                                                       / huge["compiled-naive-kl", 8, 300, "float32"], rel=1e-3)
+    assert got["csd-ss", "time_ms"] == pytest.approx(times["csd-ss", 8, 300, "float32"], abs=1e-3)
+    table = cpu_target.markdown(path)
+    assert "THP_MEM_ALLOC_ENABLE=1" in table
+    assert f"{got['csd-ss', 'time_ms_thp']:.0f} ({got['csd-ss', 'ratio_thp']:.2f})" in table
+
+
 def _gradient_cases():
     from csd_kernels.contract import LossSpec, kl_spec, parse_weighting
 
@@ -367,3 +391,54 @@ def test_row_gradient_matches_its_definition(dtypes, name, spec):
                 inductor_backend.backward(inplace, teacher, act, labels if spec.has_ce else None, stats, grad_rows,
                                           spec, out=inplace, sharded_labels=sharded)
                 assert torch.equal(inplace.nan_to_num(), got.nan_to_num()), f"{where}: in place differs"
+
+
+def _mapping_of(address):
+    """The /proc/self/smaps entry (header and fields) of the mapping that holds `address`, or None."""
+    entry = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:  # a mapping's header line: start-end perms ...
+            start, end = (int(x, 16) for x in head.split("-"))
+            entry = {"range": (start, end)} if start <= address < end else None
+        elif entry is not None and line.endswith("kB\n"):
+            key, value = line.split(":")
+            entry[key] = int(value.split()[0])
+        elif entry is not None and line.startswith("VmFlags"):
+            entry["VmFlags"] = line.split()[1:]
+            return entry
+    return entry
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_gradient_lies_on_huge_pages_and_is_unmapped_when_freed(dtype):
+    """A backward's new gradient of 2 MB or more is its own mapping, 2 MB-aligned and advised for huge
+    pages (the kernel backs it with them unless THP is off), holds the same values as a gradient written
+    into a tensor from torch's allocator, and its mapping goes when the tensor is freed."""
+    from csd_kernels.contract import LossSpec, parse_weighting
+
+    spec = LossSpec(*parse_weighting("ts"), 1.0, 1.0)
+    n_rows, vocab = 64, 24000  # 6 MB fp32, 3 MB bf16
+    student, teacher = (x.reshape(n_rows, vocab) for x in _logits(lead=(n_rows,), vocab=vocab, dtype=dtype))
+    active = torch.ones(n_rows, dtype=torch.bool)
+    _, _, stats = inductor_backend.forward(student, teacher, active, None, spec)
+    ones = torch.ones(n_rows)
+    grad = inductor_backend.backward(student, teacher, active, None, stats, ones, spec)
+    want = inductor_backend.backward(student, teacher, active, None, stats, ones, spec,
+                                     out=torch.empty(n_rows, vocab, dtype=dtype))
+    assert torch.equal(grad, want)
+    assert grad.shape == student.shape and grad.dtype == dtype and grad.is_contiguous()
+    address = grad.data_ptr()
+    assert address % (2 << 20) == 0, hex(address)
+    mapping = _mapping_of(address)
+    assert mapping is not None and "hg" in mapping["VmFlags"], mapping  # hg: MADV_HUGEPAGE
+    assert mapping["range"][1] - mapping["range"][0] >= grad.numel() * grad.element_size()
+    thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    if "[never]" not in thp:
+        assert mapping.get("AnonHugePages", 0) > 0, (thp, mapping)
+    small = inductor_backend._new_gradient(student[:2, :100])  # below 2 MB: torch's allocator, as before
+    assert "hg" not in (_mapping_of(small.data_ptr()) or {"VmFlags": []})["VmFlags"]
+    del grad
+    after = _mapping_of(address)
+    assert after is None or after["range"] != mapping["range"], "the gradient's mapping outlived it"

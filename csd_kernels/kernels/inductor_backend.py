@@ -29,8 +29,13 @@ Everything after the passes (the losses, the backward's row statistics) is `torc
 on the (N, stats.PARTIAL) layout, and the backward is `torch_backend.gradient`'s formula, entry by entry
 in `cpu_rows.cpp` over whole rows (one read of s and t, one write), the gradient in the logits' dtype
 (no fp32 N x V temporary). Measured on 2 cores at N = 2048, V = 32000 fp32: about 33 ms for "ss" and 49
-for "ts" into a gradient already in memory; a fresh gradient's first-touch page faults cost some 85 ms
-more, as the naive losses pay for theirs.
+for "ts" into a gradient already in memory; a fresh gradient's first-touch page faults on 4 KB pages cost
+some 85 ms more. So a new gradient of 2 MB or more is mapped on transparent huge pages (`cpu_rows.cpp`,
+`huge_page_empty`: 512 times fewer faults, and it is unmapped as soon as it is freed). Measured at
+N = 2048, V = 151936 fp32 ("ss", 2 cores, THP mode "madvise"): 320k faults and 460-570 ms per backward
+on 4 KB pages, 600 faults and 230-300 ms on 2 MB pages (both with occasional spikes of a second or
+more, the host's, in system time). torch's own buffers get huge pages with THP_MEM_ALLOC_ENABLE=1
+(`benchmarks.cpu_target` reports the ratios both ways).
 
 Compilation: `cpu_rows.cpp` is built once per machine by `torch.utils.cpp_extension` (about 45 s on 2
 cores, then loaded from torch's extension cache). float64 logits take the chunked forward and the same
@@ -210,12 +215,24 @@ def forward(student, teacher, active, labels, spec: LossSpec, components: bool =
     return finalize(partials(student, teacher, active, labels, spec), student, active, labels, spec, components)
 
 
+# A gradient at least this large is mapped on transparent huge pages (cpu_rows.cpp, huge_page_empty): one
+# 2 MB page's worth, below which there is nothing to gain.
+_HUGE_PAGE_BYTES = 2 << 20
+
+
+def _new_gradient(student: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of the student's shape and dtype for the gradient (contiguous)."""
+    if student.numel() * student.element_size() >= _HUGE_PAGE_BYTES and _extension() is not None:
+        return _extension().huge_page_empty(list(student.shape), student.dtype)
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
 def backward(student, teacher, active, labels, stats, grad_rows, spec: LossSpec,
              out: Optional[torch.Tensor] = None, sharded_labels: bool = False) -> torch.Tensor:
     """As `torch_backend.backward`: the gradient w.r.t. `student`, written into `out` when given."""
     n_rows = active.numel()
     s, t = _rows(student, n_rows), _rows(teacher, n_rows)
-    target = torch.empty(student.shape, dtype=student.dtype, device=student.device) if out is None else out
+    target = _new_gradient(student) if out is None else out
     rows_out = _rows(target, n_rows)
     if s is None or t is None or rows_out is None or n_rows == 0:
         return torch_backend.backward(student, teacher, active, labels, stats, grad_rows, spec, out=out,

@@ -1,8 +1,8 @@
 """The CPU path against `torch.compile` of a naive forward KL, side by side in one process (issue 17).
 
-For every (N, V, dtype) of the target grid, each provider's forward + backward is timed (median of 7
-after 2 warm-ups, the first of which compiles; the providers take turns, round by round, on the same
-inputs) and divided by the time of `compiled-naive-kl` in the same rounds: the `ratio` column, whose
+For every (N, V, dtype) of the target grid, each provider's forward + backward is timed (median of 9
+after 2 warm-ups, the first of which compiles; the providers take turns, round by round, in a shuffled
+order, on the same inputs) and divided by the time of `compiled-naive-kl` in the same rounds: the `ratio` column, whose
 target is <= 1.1. Separately, the one-off
 compilation a user meets on a first call: `first_call_s` is the first forward + backward of each
 provider at a small shape in a fresh process with empty Inductor and C++-extension caches,
@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,7 @@ GRID = [(n, v, d) for d in ("float32", "bfloat16") for n in (512, 2048) for v in
 QUICK_GRID = [(512, 32000, "float32")]
 BASELINE = "compiled-naive-kl"
 TARGET = 1.1
-REPEATS = 7
+REPEATS = 9
 # The slow baselines (eager, chunked) only where they take seconds, not minutes.
 SMALL_ONLY = {"naive-kl", "csd-ss-chunked"}
 
@@ -43,9 +44,12 @@ def run_grid(grid, providers=PROVIDERS, log=print, warmups=2, repeats=REPEATS):
     """{(provider, N, V, dtype): median ms} for every case of the grid.
 
     Within a case the providers take turns, one forward + backward each per round (`warmups` rounds
-    untimed, the first of which compiles, then `repeats` timed), on the same inputs: a machine whose
-    speed drifts (page faults on fresh memory cost several times more at some moments than at others
-    on a shared host) then slows every provider of a round alike, instead of whichever ran last."""
+    untimed, the first of which compiles, then `repeats` timed), on the same inputs, in an order
+    shuffled afresh each round (seeded). On a shared host the machine's speed drifts and stalls come
+    and go (page faults on fresh memory cost several times more at some moments than at others, and
+    single calls take 4x their median now and then): taking turns spreads the drift over all providers
+    rather than onto whichever ran last, and shuffling keeps stalls that recur at some period from
+    landing on the same provider every round."""
     from benchmarks import suite
     from benchmarks.providers import PROVIDERS as ALL
     from benchmarks.providers import topk_size
@@ -61,8 +65,9 @@ def run_grid(grid, providers=PROVIDERS, log=print, warmups=2, repeats=REPEATS):
             if key not in inputs:
                 inputs[key] = suite._inputs(suite.Case(name, n, vocab, dtype), torch.device("cpu"))
         samples = {name: [] for name in names}
+        order = random.Random(0)
         for round_ in range(warmups + repeats):
-            for name in names:
+            for name in order.sample(names, len(names)):
                 args, leaves = inputs[topk_size(name)]
                 start = time.perf_counter()
                 built[name](*args).backward()

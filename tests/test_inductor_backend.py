@@ -442,3 +442,21 @@ def test_the_gradient_lies_on_huge_pages_and_is_unmapped_when_freed(dtype):
     del grad
     after = _mapping_of(address)
     assert after is None or after["range"] != mapping["range"], "the gradient's mapping outlived it"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
+def test_the_topk_gradient_lies_on_huge_pages_too():
+    """The top-k losses' compiled student pass allocates its gradient the same way (topk_inductor.py)."""
+    from csd_kernels import teacher_topk, topk_csd_loss
+
+    student, teacher = _logits(lead=(64,), vocab=24000)
+    ids, logprobs = teacher_topk(teacher, 8)
+    grads = {}
+    for backend in ("inductor", "torch"):
+        leaf = student.clone().requires_grad_(True)
+        topk_csd_loss(leaf, ids, logprobs, weighting="ts", backend=backend).backward()
+        grads[backend] = leaf.grad
+    assert_close(grads["inductor"], grads["torch"], dtype=torch.float32, name="top-k gradient")
+    address = grads["inductor"].data_ptr()
+    assert address % (2 << 20) == 0, hex(address)
+    assert "hg" in _mapping_of(address)["VmFlags"]

@@ -15,7 +15,8 @@ empty tail (K = V, or every off-support entry -inf), or a NaN anywhere in the ro
 keeps a NaN on the support out of the tail, as the contract says).
 
 The backward writes coef * exp(s_j - s'_tail) (plus the cross-entropy's label term) in one compiled
-pass, in the logits' dtype, then the support entries get their own gradients (an O(N K) scatter).
+pass, in the logits' dtype (into a gradient on transparent huge pages, as the dense losses'), then the
+support entries get their own gradients (an O(N K) scatter).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import topk_torch
-from .inductor_backend import _compiled, _rows
+from .inductor_backend import _compiled, _new_gradient, _rows
 from .torch_backend import LOG2E, _compute_dtype
 
 CANCEL = 2.0**-24  # the least tail mass, as a fraction of Z, that the subtraction resolves
@@ -94,7 +95,7 @@ def student_backward(student: torch.Tensor, ids: torch.Tensor, active: torch.Ten
     if not stream or n_rows == 0 or rows is None:
         return topk_torch.student_backward(student, ids, active, labels, tail, coef, values, label_grad, stream)
     dtype = _compute_dtype(student)
-    out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    out = _new_gradient(student)  # on huge pages from 2 MB on, as the dense losses' (inductor_backend.py)
     keep = active[:, None]
     tail_safe = torch.where(tail == -math.inf, 0.0, tail).to(dtype)[:, None].contiguous()
     if label_grad is not None:

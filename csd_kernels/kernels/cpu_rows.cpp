@@ -409,7 +409,7 @@ torch::Tensor huge_page_empty(std::vector<int64_t> sizes, at::ScalarType dtype) 
   const uintptr_t start = reinterpret_cast<uintptr_t>(mapped);
   const uintptr_t aligned = (start + PAGE - 1) / PAGE * PAGE;
   if (aligned > start) munmap(mapped, aligned - start);
-  if (start + PAGE > aligned) munmap(reinterpret_cast<void*>(aligned + length), start + PAGE - aligned);
+  munmap(reinterpret_cast<void*>(aligned + length), start + PAGE - aligned);  // never empty: aligned < start + PAGE
   void* data = reinterpret_cast<void*>(aligned);
   madvise(data, length, MADV_HUGEPAGE);  // advice only: its failure leaves ordinary pages
   return torch::from_blob(data, sizes, [length](void* p) { munmap(p, length); }, at::TensorOptions().dtype(dtype));

@@ -13,6 +13,8 @@ hard-label cross-entropy (one more running log-sum-exp, one load of s[label] per
               (loss + 10 statistics).
               P > 1 (few rows, long vocabulary): it writes 14 partial statistics and `_merge_kernel`
               (grid (N,)) merges the P partials of each row. Deterministic: fixed merge order, no atomics.
+    raw       (CSD, P == 1: the usual case) `_fwd_raw_kernel` replaces the forward above by a cheaper pass,
+              see "The raw forward" below; `_fwd_kernel` (REDO) then recomputes only the rows it flags.
     backward  grid (N, cdiv(V, BLOCK)): each program recomputes S(k), T(k), U(k) for one block from the
               row statistics and writes grad_rows[row] times the loss's gradient, for CSD
               1/2 (w2 (d - E_w1) + w1 (d - E_w2)).
@@ -20,6 +22,24 @@ hard-label cross-entropy (one more running log-sum-exp, one load of s[label] per
 Bytes moved per vocabulary element, bf16 inputs: forward reads s and t (4 B), backward reads s and t
 and writes the gradient (6 B): 10 B in all, the floor the benchmarks compare against. Statistics are
 O(N) fp32. Excluded rows cost one load of their `active` flag (plus, backward, writing zeros).
+
+The raw forward. The exact forward above folds every 16-entry tile into each lane's centred moments
+(a running maximum, Chan's update, a second sweep for M2): about 9 instructions per entry per softmax
+base, which makes a two-softmax forward issue-bound below the H200's bandwidth. The raw pass fixes, from
+the row's first block with a valid entry, the shift c (as above) and for each softmax a reference r, the
+block's largest logit, and keeps per-entry sums p, p (d - c) and p (d - c)^2 with p = 2^((x - r) / tau'),
+one FADD or FFMA each (5 instructions per entry per base with its exponential; d^2 once for all bases);
+threads and entries are summed after the row. Then E_B = S1 / Z and M2_B = S2 - S1^2 / Z, which cancels
+where E_B lies far from c compared with the spread: the rounding of the loss is about 2^-24 times
+bound = sum_B (a1_B + a2_B) S2_B / Z_B. A row is redone by the exact forward when bound exceeds
+MAX_CANCELLATION times 4 * loss, when a sum is not finite (a logit so far above the first block's
+maximum that an exponential overflows, or a NaN, which the exact pass propagates), or when it has no
+valid entry. On rows like a language model's (a spread of a few nats around the first block's values)
+nothing is redone; a teacher that puts all but ~1e-5 of its mass on one entry whose d lies far from the
+first block's is, under "tt" (tests/test_raw_forward.py). Each redone row costs one more read of s and t.
+The KL divergences take the same pass and the same test, with CSD's "st" loss (Var_S + Var_T +
+(E_S - E_T)^2, the spread the exact pass's rounding of E_S and E_T scales with) in place of 4 * loss.
+Split rows (few rows, long vocabularies) keep the exact forward.
 
 Softmax exponentials use exp2 with log2(e) / temperature folded into one per-row constant, so each
 element costs one FMA and one exp2 per base distribution.
@@ -314,16 +334,12 @@ def _mix(a_s, a_t, a_u, v_s, v_t, v_u, NEED_S: tl.constexpr, NEED_T: tl.constexp
 
 
 @triton.jit
-def _finalize(
-    row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
-    shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
-    s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+def _row_loss(
+    shift, inv_n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u,
+    s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
-    CE: tl.constexpr, COMPONENTS: tl.constexpr,
 ):
-    # Row statistics -> loss and what the backward needs (the maths is in stats.py).
-    empty = n == 0.0
-    inv_n = tl.where(empty, 0.0, 1.0 / tl.maximum(n, 1.0))
+    # A row's loss (unclamped), E_w1[d - c], E_w2[d - c] and log2 Z of S and T from its statistics.
     inv_temp = s_scale * LN2
     var_s = m2_s / z_s
     var_t = m2_t / z_t
@@ -342,6 +358,23 @@ def _finalize(
         loss = (((m_s - m_t) - shift) - e2) * inv_temp + (log2z_s - log2z_t) * LN2
     else:  # KL(S || T)
         loss = (e1 - ((m_s - m_t) - shift)) * inv_temp - (log2z_s - log2z_t) * LN2
+    return loss, e1, e2, log2z_s, log2z_t
+
+
+@triton.jit
+def _finalize(
+    row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
+    shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
+    s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
+    CE: tl.constexpr, COMPONENTS: tl.constexpr,
+):
+    # Row statistics -> loss and what the backward needs (the maths is in stats.py).
+    empty = n == 0.0
+    inv_n = tl.where(empty, 0.0, 1.0 / tl.maximum(n, 1.0))
+    loss, e1, e2, log2z_s, log2z_t = _row_loss(
+        shift, inv_n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u,
+        s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U, LOSS)
     # Rounding can leave a tiny negative variance; `where` (unlike maximum) keeps NaN visible.
     loss = tl.where(loss < 0.0, 0.0, loss)
     loss = tl.where(empty, 0.0, loss)
@@ -405,12 +438,14 @@ def _fwd_kernel(
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
     CE: tl.constexpr, COMPONENTS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
     LEAD: tl.constexpr, SUB: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, NATIVE: tl.constexpr,
-    ALIGNED: tl.constexpr, WORDS: tl.constexpr,
+    ALIGNED: tl.constexpr, WORDS: tl.constexpr, REDO: tl.constexpr = False,
 ):
+    # REDO: the exact pass over the rows `_fwd_raw_kernel` flagged (active_ptr is its redo flags); the
+    # other rows are already written.
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     if tl.load(active_ptr + row) == 0:
-        if not SPLIT:
+        if not SPLIT and not REDO:
             _store_excluded_row(row, N, loss_ptr, comp_ptr, COMPONENTS)
         return  # with SPLIT the merge kernel never reads an excluded row's partials
 
@@ -488,6 +523,188 @@ def _fwd_kernel(
         _finalize(
             row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
             shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
+            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+            NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,
+        )
+
+
+@triton.jit
+def _raw_sums(x, dd, q, scale, ref, z, s1, s2, MOMENTS: tl.constexpr, EXACT: tl.constexpr):
+    # One tile into the per-entry raw sums of a softmax around the row's fixed reference: x the logits
+    # (-inf outside the row, weighing 0), p = 2^(x scale - ref). Each sum is one FADD or FFMA per entry.
+    # EXACT forms (x - ref) * scale (ref in raw units): exactly 1 at the reference.
+    if EXACT:
+        p = tl.exp2((x - ref) * scale)
+    else:
+        p = tl.exp2(tl.fma(x, scale, -ref))
+    z += p
+    if MOMENTS >= 1:
+        s1 = tl.fma(p, dd, s1)
+    if MOMENTS >= 2:
+        s2 = tl.fma(p, q, s2)
+    return p, z, s1, s2
+
+
+@triton.jit
+def _centred(z, s1, s2, fix):
+    # Raw sums around the reference and the row's shift -> (Z, E[d - c], M2, the bound S2 / Z on the
+    # scale of M2's rounding error). M2 = S2 - S1^2 / Z cancels where E lies far from c.
+    z = tl.sum(tl.sum(tl.sum(z, axis=2), axis=1), axis=0) * fix
+    s1 = tl.sum(tl.sum(tl.sum(s1, axis=2), axis=1), axis=0) * fix
+    s2 = tl.sum(tl.sum(tl.sum(s2, axis=2), axis=1), axis=0) * fix
+    mu = s1 / z
+    return z, mu, s2 - s1 * mu, s2 / z
+
+
+@triton.jit
+def _raw_block(
+    s_row, t_row, base, inner, V, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
+    z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
+    MASKED: tl.constexpr, NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, CE: tl.constexpr,
+    SHARE_CE: tl.constexpr, SUB: tl.constexpr, ENTRIES: tl.constexpr, NATIVE: tl.constexpr, WORDS: tl.constexpr,
+):
+    # One block, SUB sub-tiles one after the other, into the per-entry sums (one chain each).
+    for i in tl.static_range(SUB):
+        s, t, valid = _load_block(s_row, t_row, base + i * ENTRIES, inner, V, MASKED, NATIVE, WORDS)
+        dd = tl.where(valid, s - t - c, 0.0)
+        q = dd * dd  # d^2 once, for every base
+        if NEED_S:
+            if SHARE_CE:  # temperature 1: the cross-entropy's exponentials are S's, before S's mask
+                p, z_1, _, _ = _raw_sums(s, dd, q, s_scale, ref_s, z_1, z_1, z_1, 0, True)
+                p = tl.where(valid, p, 0.0)
+                z_s += p
+                s1_s = tl.fma(p, dd, s1_s)
+                s2_s = tl.fma(p, q, s2_s)
+            else:
+                _, z_s, s1_s, s2_s = _raw_sums(tl.where(valid, s, float("-inf")), dd, q, s_scale, r_s,
+                                               z_s, s1_s, s2_s, 2, False)
+        if NEED_T:
+            _, z_t, s1_t, s2_t = _raw_sums(tl.where(valid, t, float("-inf")), dd, q, t_scale, r_t,
+                                           z_t, s1_t, s2_t, 2, False)
+        if NEED_U:
+            n = tl.where(valid, n + 1.0, n)
+            s1_u += dd
+            s2_u += q
+        if CE and not SHARE_CE:  # every finite student entry, temperature 1, exact at the reference
+            _, z_1, _, _ = _raw_sums(s, dd, q, LOG2E, ref_1, z_1, z_1, z_1, 0, True)
+    return z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1
+
+
+@triton.jit
+def _fwd_raw_kernel(
+    s_ptr, t_ptr, labels_ptr, active_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr,
+    N, V, L1,
+    s_so, s_si, t_so, t_si,
+    s_scale, t_scale,
+    a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+    max_cancellation,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
+    CE: tl.constexpr, COMPONENTS: tl.constexpr, BLOCK: tl.constexpr,
+    LEAD: tl.constexpr, SUB: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, NATIVE: tl.constexpr,
+    ALIGNED: tl.constexpr, WORDS: tl.constexpr, SHARE_CE: tl.constexpr,
+):
+    # The fast forward of an unsplit row (see "The raw forward" above): raw sums per entry around a
+    # fixed reference and shift, taken from the row's first block with a valid entry; a row whose sums
+    # cannot give the loss to fp32 accuracy is flagged in redo_ptr (and not written) for `_fwd_kernel`.
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(active_ptr + row) == 0:
+        tl.store(redo_ptr + row, 0)
+        _store_excluded_row(row, N, loss_ptr, comp_ptr, COMPONENTS)
+        return
+    s_row = _row_base(s_ptr, row, L1, s_so, s_si)
+    t_row = _row_base(t_ptr, row, L1, t_so, t_si)
+    lane = tl.arange(0, LANES)
+    ENTRIES: tl.constexpr = LANES * VEC  # one sub-tile: lane j owns VEC entries (as in _fwd_kernel)
+    if WORDS:
+        unit: tl.constexpr = VEC // 2
+        step: tl.constexpr = ENTRIES // 2
+    else:
+        unit: tl.constexpr = VEC
+        step: tl.constexpr = ENTRIES
+    if ALIGNED:
+        inner = (lane * unit)[None, :, None] + tl.arange(0, unit)[None, None, :]
+    else:
+        inner = lane[None, :, None] + (tl.arange(0, VEC) * LANES)[None, None, :]
+    offs_block = (tl.arange(0, SUB) * step)[:, None, None] + inner  # the whole block: the first one
+    # The first block with a valid entry: the shift c (stats.py) and each softmax's reference, its
+    # maximum there (the row's maximum can only be higher: no weight underflows that matters).
+    first = 0
+    count = tl.full([], 0.0, tl.float32)
+    c = count
+    ref_s = count
+    ref_t = count
+    while (count == 0.0) & (first * BLOCK < V):
+        s, t, valid = _load_block(s_row, t_row, first * BLOCK, offs_block, V, True, NATIVE, WORDS)
+        count = tl.sum(tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=0), axis=0)
+        c = _first_shift(s, t, valid, count, LEAD)
+        ref_s = tl.max(tl.max(tl.max(tl.where(valid, s, float("-inf")), axis=2), axis=0), axis=0)
+        ref_t = tl.max(tl.max(tl.max(tl.where(valid, t, float("-inf")), axis=2), axis=0), axis=0)
+        first += 1
+    # Exponents as one FMA, x * scale - r with r = fl(ref * scale); `fix` takes the sums back to ref.
+    r_s = ref_s * s_scale
+    r_t = ref_t * t_scale
+    fix_s = tl.exp2(-tl.fma(ref_s, s_scale, -r_s))
+    fix_t = tl.exp2(-tl.fma(ref_t, t_scale, -r_t))
+    ref_1 = ref_s  # the cross-entropy's reference: the first block's largest valid s
+
+    if SHARE_CE:  # S's exponents in the exact form, around ref_s itself
+        fix_s = 1.0
+    zero = tl.zeros([1, LANES, VEC], tl.float32)
+    z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = zero, zero, zero, zero, zero, zero, zero, zero, \
+        zero, zero
+    full = V // BLOCK
+    for j in range(tl.maximum(first - 1, 0), full):  # whole blocks without a range mask
+        z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = _raw_block(
+            s_row, t_row, j * BLOCK, inner, V, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
+            z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
+            False, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS)
+    if full * BLOCK < V:
+        z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = _raw_block(
+            s_row, t_row, full * BLOCK, inner, V, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
+            z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
+            True, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS)
+
+    # Sums -> centred statistics, and the rounding the loss can carry: about 2^-24 times
+    # bound = sum_B (a1_B + a2_B) S2_B / Z_B (each base's M2 cancels to that), against 4 * loss.
+    # Unused bases get the exact kernel's placeholders.
+    bound = 0.0
+    check = 0.0
+    n_row = tl.where(count == 0.0, 0.0, 1.0)
+    nil = tl.zeros([], tl.float32)
+    m_s, zs, mu_s, m2_s = nil - float("inf"), nil, nil, nil
+    m_t, zt, mu_t, m2_t = nil - float("inf"), nil, nil, nil
+    mu_u, m2_u = nil, nil
+    if NEED_S:
+        m_s = ref_s
+        zs, mu_s, m2_s, b_s = _centred(z_s, s1_s, s2_s, fix_s)
+        bound += (a1_s + a2_s) * b_s
+        check += zs + mu_s + m2_s
+    if NEED_T:
+        m_t = ref_t
+        zt, mu_t, m2_t, b_t = _centred(z_t, s1_t, s2_t, fix_t)
+        bound += (a1_t + a2_t) * b_t
+        check += zt + mu_t + m2_t
+    if NEED_U:
+        n_row, mu_u, m2_u, b_u = _centred(n, s1_u, s2_u, 1.0)
+        bound += (a1_u + a2_u) * b_u
+        check += mu_u + m2_u
+    z1 = nil
+    if CE:
+        z1 = tl.sum(tl.sum(tl.sum(z_1, axis=2), axis=1), axis=0)
+        check += z1
+    # CSD's loss of the same weights, whatever LOSS is: for a KL divergence (w1 = S, w2 = T) 4 * loss is
+    # Var_S + Var_T + (E_S - E_T)^2, the spread the exact forward's rounding of E_S and E_T scales with.
+    loss, _, _, _, _ = _row_loss(
+        c, 1.0 / tl.maximum(n_row, 1.0), m_s, zs, mu_s, m2_s, m_t, zt, mu_t, m2_t, mu_u, m2_u,
+        s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U, 0)
+    # Kept: a row with a valid entry, finite sums (no overflow from a maximum far above the first
+    # block's, no NaN), whose loss carries at most max_cancellation times fp32 rounding (NaN fails too).
+    keep = (count > 0.0) & ((check - check) == 0.0) & (bound <= max_cancellation * (4.0 * loss))
+    tl.store(redo_ptr + row, 1 - keep.to(tl.int8))
+    if keep:
+        _finalize(
+            row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
+            c, n_row, m_s, zs, mu_s, m2_s, m_t, zt, mu_t, m2_t, mu_u, m2_u, ref_1, z1,
             s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
             NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,
         )
@@ -616,6 +833,14 @@ FORWARD_WARPS = 2
 FORWARD_SUB = 2
 # ptxas otherwise spills a register or two of the two-softmax forwards at about 80 registers.
 FORWARD_MAX_REGISTERS = 168
+# The raw forward (`_fwd_raw_kernel`) for unsplit rows; a row whose loss it could only give with more
+# than MAX_CANCELLATION times fp32 rounding is redone by the exact `_fwd_kernel`.
+RAW_FORWARD = True
+MAX_CANCELLATION = 16.0
+# One warp a row for the raw pass: its threads' sums merge with shuffles alone (no shared memory), and
+# at its 80-145 registers the SM holds as many warps either way (sm_90 model: 3-6 % fewer instructions
+# per entry than with two warps).
+RAW_WARPS = 1
 # Grid target when splitting rows: enough programs to give every SM several resident programs.
 PROGRAMS_PER_SM = 8
 MIN_SPLIT_BLOCKS = 16
@@ -627,7 +852,7 @@ def block_config(vocab: int) -> Tuple[int, int]:
     return block, 8 if block >= 2048 else 4
 
 
-def forward_config(vocab: int, itemsize: int) -> Tuple[int, int, int, int, int]:
+def forward_config(vocab: int, itemsize: int, warps: int = FORWARD_WARPS) -> Tuple[int, int, int, int, int]:
     """(BLOCK, num_warps, SUB, LANES, VEC) of the forward for rows of `vocab` entries of `itemsize` bytes.
 
     The forward's (SUB, LANES, VEC) tile: VEC entries of 16 bytes (one 128-bit load) per lane and row of
@@ -635,10 +860,10 @@ def forward_config(vocab: int, itemsize: int) -> Tuple[int, int, int, int, int]:
     the masked last block, the merge of the lanes) is paid once per row by each thread, so a row gets
     few threads (FORWARD_WARPS); a GPU holds enough such rows at once to keep its loads in flight."""
     vec = max(1, 16 // itemsize)
-    block = min(MAX_BLOCK, FORWARD_SUB * 32 * FORWARD_WARPS * vec, triton.next_power_of_2(max(vocab, 16)))
-    lanes = min(32 * FORWARD_WARPS, max(1, block // vec))
+    block = min(MAX_BLOCK, FORWARD_SUB * 32 * warps * vec, triton.next_power_of_2(max(vocab, 16)))
+    lanes = min(32 * warps, max(1, block // vec))
     vec = min(vec, block)
-    return block, FORWARD_WARPS, max(1, block // (lanes * vec)), lanes, vec
+    return block, warps, max(1, block // (lanes * vec)), lanes, vec
 
 
 @functools.lru_cache(maxsize=None)
@@ -752,15 +977,28 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
     aligned = _aligned((s, t), (s_so, s_si, t_so, t_si))
     # bf16 rows of whole 32-bit words (an even V) load as words (see _load_block)
     words = aligned and vocab % 2 == 0 and s.dtype == torch.bfloat16 and t.dtype == torch.bfloat16
+    common = dict(maxnreg=FORWARD_MAX_REGISTERS, COMPONENTS=components, LEAD=spec.lead_base,
+                  NATIVE=student.device.type != "cpu", ALIGNED=aligned, WORDS=words, **_flags(spec))
+    tile = dict(BLOCK=block, num_warps=num_warps, SUB=sub, LANES=lanes, VEC=vec, **common)
+    raw = partials is None and RAW_FORWARD
+    if raw:  # the raw forward, then the exact pass over the rows it flags (usually none)
+        redo = torch.empty(n_rows, dtype=torch.int8, device=device)
+        block_r, warps_r, sub_r, lanes_r, vec_r = forward_config(vocab, student.element_size(), RAW_WARPS)
+        _fwd_raw_kernel[(n_rows,)](
+            s, t, labels, active, redo, total, comp, stats,
+            n_rows, vocab, l1,
+            s_so, s_si, t_so, t_si,
+            *_launch_constants(spec), MAX_CANCELLATION,
+            SHARE_CE=spec.has_ce and spec.need_student and spec.temperature == 1.0,
+            BLOCK=block_r, num_warps=warps_r, SUB=sub_r, LANES=lanes_r, VEC=vec_r, **common,
+        )
+        active = redo
     _fwd_kernel[(n_rows, programs)](
         s, t, labels, active, partials if partials is not None else total, total, comp, stats,
         n_rows, vocab, l1, cols_per_program,
         s_so, s_si, t_so, t_si,
         *_launch_constants(spec),
-        SPLIT=partials is not None, BLOCK=block, num_warps=num_warps, maxnreg=FORWARD_MAX_REGISTERS,
-        COMPONENTS=components,
-        LEAD=spec.lead_base, SUB=sub, LANES=lanes, VEC=vec, NATIVE=student.device.type != "cpu",
-        ALIGNED=aligned, WORDS=words, **_flags(spec),
+        SPLIT=partials is not None, REDO=raw, **tile,
     )
     return total, parts, stats
 

@@ -1,0 +1,128 @@
+"""The Triton forward's raw pass (`_fwd_raw_kernel`) and its exact redo: ordinary rows stay on the raw
+pass and match the reference; rows whose raw sums cancel, overflow or hold no entry are redone exactly,
+and without the redo those rows would be visibly wrong (so the tests can fail)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import reference
+from csd_kernels import csd_loss
+from helpers import DEVICE, assert_close, loss_and_grad
+
+tb = pytest.importorskip("csd_kernels.kernels.triton_backend")
+
+
+@pytest.fixture
+def redone(monkeypatch):
+    """The number of rows each unsplit forward handed to the exact pass (one entry per forward)."""
+    counts = []
+    exact = tb._fwd_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs.get("REDO"):
+                    counts.append(int(args[3].sum()))  # active_ptr: the raw pass's redo flags
+                return exact[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tb, "_fwd_kernel", Recorder())
+    monkeypatch.setattr(tb, "split_count", lambda *args: 1)
+    return counts
+
+
+def _check(student, teacher, **kwargs):
+    loss, grad = loss_and_grad(lambda s, t, **k: csd_loss(s, t, backend="triton", **k), student, teacher,
+                               reduction="none", **kwargs)
+    ref_loss, ref_grad = loss_and_grad(reference.csd_loss, student.double(), teacher.double(),
+                                       reduction="none", **kwargs)
+    assert_close(loss, ref_loss, dtype=torch.float32, name="loss")
+    assert_close(grad, ref_grad, dtype=student.dtype, name="gradient")
+
+
+@pytest.mark.parametrize("weighting", ["ss", "ts", "st", "tt", "us", "uu",
+                                       ({"teacher": 0.3, "student": 0.5, "uniform": 0.2}, {"teacher": 0.15, "student": 0.85})],
+                         ids=["ss", "ts", "st", "tt", "us", "uu", "mix"])
+@pytest.mark.parametrize("vocab", [300, 1100])
+def test_ordinary_rows_stay_on_the_raw_pass(redone, weighting, vocab):
+    """LLM-like rows (a spread of a few nats, -inf runs, a student near its teacher): none is redone."""
+    torch.manual_seed(0)
+    teacher = 2.0 * torch.randn(4, vocab)
+    student = teacher + 0.7 * torch.randn(4, vocab)
+    teacher[1, :40] = -math.inf
+    student[2, 100:130] = -math.inf
+    _check(student.to(DEVICE), teacher.to(DEVICE), weighting=weighting)
+    assert redone == [0], redone
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0], ids=["shared-exponentials", "own-exponentials"])
+def test_ordinary_rows_with_cross_entropy(redone, temperature):
+    """The fused CE on the raw pass: at temperature 1 it shares S's exponentials (SHARE_CE)."""
+    torch.manual_seed(1)
+    teacher = 2.0 * torch.randn(3, 700)
+    student = teacher + torch.randn(3, 700)
+    labels = torch.tensor([5, 699, 0])
+    kwargs = dict(weighting="ts", labels=labels.to(DEVICE), ce_weight=0.5, temperature=temperature,
+                  reduction="none")
+    total = csd_loss(student.to(DEVICE), teacher.to(DEVICE), backend="triton", **kwargs)
+    expected = reference.csd_loss(student.double(), teacher.double(), weighting="ts", temperature=temperature,
+                                  reduction="none")
+    expected = expected + 0.5 * torch.nn.functional.cross_entropy(student.double(), labels, reduction="none")
+    assert_close(total, expected, dtype=torch.float32, name="loss + CE")
+    assert redone == [0], redone
+
+
+def _peaked_rows(vocab=3000):
+    """T puts all but ~1e-5 of its mass on one entry past the first block, where d is 50 away from the d
+    at the first block's mode: "tt" is then Var_T(d) ~ 1e-2, while the raw sums around the first block's
+    d carry 50^2 = 2500 each (E[x^2] - E[x]^2 cancels by ~1e5)."""
+    torch.manual_seed(2)
+    teacher = torch.randn(2, vocab)
+    student = teacher + 0.1 * torch.randn(2, vocab)
+    for row, at in enumerate((2000, vocab - 1)):
+        teacher[row, at] = 20.0
+        student[row, at] = 70.0
+    return student.to(DEVICE), teacher.to(DEVICE)
+
+
+def test_cancelling_rows_are_redone_exactly(redone):
+    student, teacher = _peaked_rows()
+    _check(student, teacher, weighting="tt")
+    assert redone == [2], redone
+
+
+def test_the_cancelling_rows_test_can_fail(redone, monkeypatch):
+    """With the redo switched off, the same rows' loss is out of tolerance."""
+    student, teacher = _peaked_rows()
+    monkeypatch.setattr(tb, "MAX_CANCELLATION", math.inf)
+    loss = csd_loss(student, teacher, weighting="tt", backend="triton", reduction="none")
+    expected = reference.csd_loss(student.double(), teacher.double(), weighting="tt", reduction="none")
+    assert redone == [0], redone
+    with pytest.raises(AssertionError, match="out of tolerance"):
+        assert_close(loss, expected, dtype=torch.float32, name="loss")
+
+
+@pytest.mark.parametrize("case", ["maximum-far-above", "nan", "no-valid-entry"])
+def test_rows_the_raw_sums_cannot_hold_are_redone(redone, case):
+    """A maximum 200 nats above the first block's (its exponentials overflow), a NaN (propagated by the
+    exact pass) and a row of -inf: each one row redone, and the result the reference's."""
+    torch.manual_seed(3)
+    teacher = torch.randn(3, 1500)
+    student = teacher + 0.5 * torch.randn(3, 1500)
+    if case == "maximum-far-above":
+        student[1, 1200], teacher[1, 1200] = 200.0, 200.5
+    elif case == "nan":
+        student[1, 900] = math.nan
+    else:
+        teacher[1] = -math.inf
+    student, teacher = student.to(DEVICE), teacher.to(DEVICE)
+    if case == "nan":
+        loss = csd_loss(student, teacher, weighting="ts", backend="triton", reduction="none")
+        assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all(), loss
+    else:
+        _check(student, teacher, weighting="ts")
+    assert redone == [1], redone

@@ -359,7 +359,8 @@ def analyse(meta):
         vector_bits=memory_bits(hot, "LDG"), store_bits=memory_bits(hot, "STG") if kind == "backward" else "",
         warp_instr_per_elem=round(per_elem, 4), barriers_per_elem=round(bars, 5), mufu_per_elem=round(mufu, 4),
         issue_bound_tbps=round(bound, 2) if kind != "merge" else "",
-        target_tbps=target_for(meta["loss"], meta["weighting"], meta["ce"]) if kind != "merge" else "",
+        # the exact pass over flagged rows ("redo") costs only on those rows: no target of its own
+        target_tbps=target_for(meta["loss"], meta["weighting"], meta["ce"]) if kind not in ("merge", "redo") else "",
         gpu_model=meta["gpu"],
     )
 

@@ -1,5 +1,5 @@
-"""The Triton forward's raw pass (`_fwd_raw_kernel`) and its exact redo: ordinary rows stay on the raw
-pass and match the reference; rows whose raw sums cancel, overflow or hold no entry are redone exactly,
+"""The Triton forward's raw pass (`_fwd_raw_kernel`, unsplit and split rows) and its exact redo:
+ordinary rows stay on the raw pass and match the reference; rows whose raw sums cancel, overflow or hold no entry are redone exactly,
 and without the redo those rows would be visibly wrong (so the tests can fail)."""
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from helpers import DEVICE, assert_close, loss_and_grad
 tb = pytest.importorskip("csd_kernels.kernels.triton_backend")
 
 
-@pytest.fixture
-def redone(monkeypatch):
-    """The number of rows each unsplit forward handed to the exact pass (one entry per forward)."""
+@pytest.fixture(params=[1, 3], ids=["one-program-per-row", "split-rows"])
+def redone(request, monkeypatch):
+    """The number of rows each forward handed to the exact pass (one entry per forward): unsplit, the
+    exact forward's REDO launch; split, the exact merge's (its active flags are the raw merge's)."""
     counts = []
-    exact = tb._fwd_kernel
+    name = "_fwd_kernel" if request.param == 1 else "_merge_kernel"
+    exact = getattr(tb, name)
 
     class Recorder:
         def __getitem__(self, grid):
@@ -30,8 +32,8 @@ def redone(monkeypatch):
                 return exact[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(tb, "_fwd_kernel", Recorder())
-    monkeypatch.setattr(tb, "split_count", lambda *args: 1)
+    monkeypatch.setattr(tb, name, Recorder())
+    monkeypatch.setattr(tb, "split_count", lambda *args: request.param)
     return counts
 
 
@@ -77,15 +79,16 @@ def test_ordinary_rows_with_cross_entropy(redone, temperature):
 
 
 def _peaked_rows(vocab=3000):
-    """T puts all but ~1e-5 of its mass on one entry past the first block, where d is 50 away from the d
-    at the first block's mode: "tt" is then Var_T(d) ~ 1e-2, while the raw sums around the first block's
-    d carry 50^2 = 2500 each (E[x^2] - E[x]^2 cancels by ~1e5)."""
+    """T puts all but ~1e-5 of its mass on one entry past the first block, where d is 10 away from the d
+    at the first block's mode: "tt" is then Var_T(d) ~ 1e-3, while the raw sums around the first block's
+    d carry 10^2 = 100 each (E[x^2] - E[x]^2 cancels by ~1e5). (A larger d would test the gradient's
+    absolute tolerance against the rounding of E_T[d] itself, 2^-24 |d|.)"""
     torch.manual_seed(2)
     teacher = torch.randn(2, vocab)
     student = teacher + 0.1 * torch.randn(2, vocab)
     for row, at in enumerate((2000, vocab - 1)):
         teacher[row, at] = 20.0
-        student[row, at] = 70.0
+        student[row, at] = 30.0
     return student.to(DEVICE), teacher.to(DEVICE)
 
 
@@ -113,8 +116,8 @@ def test_rows_the_raw_sums_cannot_hold_are_redone(redone, case):
     torch.manual_seed(3)
     teacher = torch.randn(3, 1500)
     student = teacher + 0.5 * torch.randn(3, 1500)
-    if case == "maximum-far-above":
-        student[1, 1200], teacher[1, 1200] = 200.0, 200.5
+    if case == "maximum-far-above":  # past the first block of its row and of its split range
+        student[1, 1400], teacher[1, 1400] = 200.0, 200.5
     elif case == "nan":
         student[1, 900] = math.nan
     else:

@@ -66,14 +66,16 @@ def compile_all():
             variants = [
                 (k._fwd_kernel, dict(flags, **tile, COMPONENTS=bool(ce), SPLIT=False, REDO=True), warps),
                 (k._fwd_kernel, dict(flags, **tile, COMPONENTS=bool(ce), SPLIT=True, REDO=False), warps),
-                (k._merge_kernel, dict(flags, COMPONENTS=bool(ce), BLOCK_P=8), 1),
+                (k._merge_kernel, dict(flags, COMPONENTS=bool(ce), BLOCK_P=8, RAW=True, REDO=False), 1),
+                (k._merge_kernel, dict(flags, COMPONENTS=bool(ce), BLOCK_P=8, RAW=False, REDO=True), 1),
                 (k._bwd_kernel, dict(flags, SHARDED=bool(ce), BLOCK=4096, NATIVE=True), 8),
             ]
-            # unsplit rows: the raw forward (its exact pass over the rows it flags is the REDO one above)
+            # the raw forward, unsplit and split (the exact passes over the rows it flags are above)
             block, raw_warps, sub, lanes, vec = k.forward_config(32000, 2 if dtype == "*bf16" else 4, k.RAW_WARPS)
             raw_tile = dict(tile, BLOCK=block, SUB=sub, LANES=lanes, VEC=vec)
-            variants.append((k._fwd_raw_kernel, dict(flags, **raw_tile, COMPONENTS=bool(ce),
-                                                     SHARE_CE=bool(ce) and need[0] == 1), raw_warps))
+            for split in (False, True):
+                variants.append((k._fwd_raw_kernel, dict(flags, **raw_tile, COMPONENTS=bool(ce), SPLIT=split,
+                                                         SHARE_CE=bool(ce) and need[0] == 1), raw_warps))
             for kernel, constexprs, warps in variants:
                 signature = _signature(kernel, dtype, constexprs)
                 try:
@@ -96,7 +98,7 @@ def test_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "compiled 70 kernel variants" in result.stdout
+    assert "compiled 98 kernel variants" in result.stdout
 
 
 if __name__ == "__main__":

@@ -69,7 +69,6 @@ STATS = tl.constexpr(16)  # row stride of the statistics buffer: stats.NUM_STATS
 # A partial row statistic (stats.P_*): shift, (m, Z, mu, M2) of S, the same of T, (n, mu, M2) of U,
 # (m, Z) of the cross-entropy's softmax, the vocabulary-parallel label columns.
 PARTIAL = tl.constexpr(16)
-NAN = tl.constexpr(float("nan"))
 FLT_MIN = tl.constexpr(1.1754943508222875e-38)
 
 
@@ -387,7 +386,9 @@ def _finalize(
         picked = tl.load(s_row + tl.where(label_ok, label, 0)).to(tl.float32)
         log2z_1 = tl.log2(z_1)
         # (max - s[label]) + log Z: exactly 0 for a one-entry row, and no large lse to round
-        ce = tl.where(label_ok, (m_1 - picked) + log2z_1 * LN2, NAN)
+        # (NaN written inline: as a global constexpr, Triton's check that a helper sees the same global
+        # values in every kernel that calls it fails on NaN != NaN)
+        ce = tl.where(label_ok, (m_1 - picked) + log2z_1 * LN2, float("nan"))
         total += ce_weight * ce
         tl.store(stats_row + 8, m_1)
         tl.store(stats_row + 9, log2z_1)
@@ -546,14 +547,53 @@ def _raw_sums(x, dd, q, scale, ref, z, s1, s2, MOMENTS: tl.constexpr, EXACT: tl.
 
 
 @triton.jit
-def _centred(z, s1, s2, fix):
-    # Raw sums around the reference and the row's shift -> (Z, E[d - c], M2, the bound S2 / Z on the
-    # scale of M2's rounding error). M2 = S2 - S1^2 / Z cancels where E lies far from c.
+def _raw_moments(z, s1, s2, fix):
+    # Per-entry raw sums -> (Z, E[d - c], S2) of the range, taken back to the reference (0 if empty).
     z = tl.sum(tl.sum(tl.sum(z, axis=2), axis=1), axis=0) * fix
     s1 = tl.sum(tl.sum(tl.sum(s1, axis=2), axis=1), axis=0) * fix
     s2 = tl.sum(tl.sum(tl.sum(s2, axis=2), axis=1), axis=0) * fix
-    mu = s1 / z
-    return z, mu, s2 - s1 * mu, s2 / z
+    return z, tl.where(z > 0.0, s1 / tl.where(z > 0.0, z, 1.0), 0.0), s2
+
+
+@triton.jit
+def _raw_finish(
+    row, N, V, s_row, labels_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr,
+    shift, n, m_s, z_s, mu_s, m2_s, b_s, m_t, z_t, mu_t, m2_t, b_t, mu_u, m2_u, b_u, m_1, z_1,
+    s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight, max_cancellation,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
+    CE: tl.constexpr, COMPONENTS: tl.constexpr,
+):
+    # A row's statistics from raw sums (M2 = S2 - Z mu^2 per base, b = S2 / Z the scale it cancels
+    # from): finalise it, or flag it for the exact pass. The loss's rounding is about 2^-24 times
+    # bound = sum_B (a1_B + a2_B) b_B, against 4 * CSD's loss of the same weights (for a KL divergence,
+    # w1 = S and w2 = T, Var_S + Var_T + (E_S - E_T)^2: the spread the exact pass's rounding scales with).
+    bound = 0.0
+    check = 0.0
+    if NEED_S:
+        bound += (a1_s + a2_s) * b_s
+        check += z_s + mu_s + m2_s
+    if NEED_T:
+        bound += (a1_t + a2_t) * b_t
+        check += z_t + mu_t + m2_t
+    if NEED_U:
+        bound += (a1_u + a2_u) * b_u
+        check += mu_u + m2_u
+    if CE:
+        check += z_1
+    loss, _, _, _, _ = _row_loss(
+        shift, 1.0 / tl.maximum(n, 1.0), m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u,
+        s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U, 0)
+    # Kept: a row with a valid entry, finite sums (no overflow from a maximum far above the first
+    # block's, no NaN), whose loss carries at most max_cancellation times fp32 rounding (NaN fails too).
+    keep = (n > 0.0) & ((check - check) == 0.0) & (bound <= max_cancellation * (4.0 * loss))
+    tl.store(redo_ptr + row, 1 - keep.to(tl.int8))
+    if keep:
+        _finalize(
+            row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
+            shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
+            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+            NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,
+        )
 
 
 @triton.jit
@@ -592,8 +632,8 @@ def _raw_block(
 
 @triton.jit
 def _fwd_raw_kernel(
-    s_ptr, t_ptr, labels_ptr, active_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr,
-    N, V, L1,
+    s_ptr, t_ptr, labels_ptr, active_ptr, redo_ptr, part_ptr, loss_ptr, comp_ptr, stats_ptr,
+    N, V, L1, cols_per_program,
     s_so, s_si, t_so, t_si,
     s_scale, t_scale,
     a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
@@ -601,18 +641,23 @@ def _fwd_raw_kernel(
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
     CE: tl.constexpr, COMPONENTS: tl.constexpr, BLOCK: tl.constexpr,
     LEAD: tl.constexpr, SUB: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, NATIVE: tl.constexpr,
-    ALIGNED: tl.constexpr, WORDS: tl.constexpr, SHARE_CE: tl.constexpr,
+    ALIGNED: tl.constexpr, WORDS: tl.constexpr, SHARE_CE: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    # The fast forward of an unsplit row (see "The raw forward" above): raw sums per entry around a
-    # fixed reference and shift, taken from the row's first block with a valid entry; a row whose sums
-    # cannot give the loss to fp32 accuracy is flagged in redo_ptr (and not written) for `_fwd_kernel`.
+    # The fast forward (see "The raw forward" above): raw sums per entry around a fixed reference and
+    # shift, taken from the range's first block with a valid entry. Unsplit, a row whose sums cannot
+    # give the loss to fp32 accuracy is flagged in redo_ptr (and not written) for `_fwd_kernel`; split,
+    # program (row, p) writes raw partials (stats.P_* with S2 in place of M2) for `_merge_kernel` (RAW).
     row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     if tl.load(active_ptr + row) == 0:
-        tl.store(redo_ptr + row, 0)
-        _store_excluded_row(row, N, loss_ptr, comp_ptr, COMPONENTS)
+        if not SPLIT:
+            tl.store(redo_ptr + row, 0)
+            _store_excluded_row(row, N, loss_ptr, comp_ptr, COMPONENTS)
         return
     s_row = _row_base(s_ptr, row, L1, s_so, s_si)
     t_row = _row_base(t_ptr, row, L1, t_so, t_si)
+    start = part * cols_per_program
+    stop = tl.minimum(start + cols_per_program, V)
     lane = tl.arange(0, LANES)
     ENTRIES: tl.constexpr = LANES * VEC  # one sub-tile: lane j owns VEC entries (as in _fwd_kernel)
     if WORDS:
@@ -633,8 +678,8 @@ def _fwd_raw_kernel(
     c = count
     ref_s = count
     ref_t = count
-    while (count == 0.0) & (first * BLOCK < V):
-        s, t, valid = _load_block(s_row, t_row, first * BLOCK, offs_block, V, True, NATIVE, WORDS)
+    while (count == 0.0) & (start + first * BLOCK < stop):
+        s, t, valid = _load_block(s_row, t_row, start + first * BLOCK, offs_block, stop, True, NATIVE, WORDS)
         count = tl.sum(tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=0), axis=0)
         c = _first_shift(s, t, valid, count, LEAD)
         ref_s = tl.max(tl.max(tl.max(tl.where(valid, s, float("-inf")), axis=2), axis=0), axis=0)
@@ -652,62 +697,59 @@ def _fwd_raw_kernel(
     zero = tl.zeros([1, LANES, VEC], tl.float32)
     z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = zero, zero, zero, zero, zero, zero, zero, zero, \
         zero, zero
-    full = V // BLOCK
+    full = (stop - start) // BLOCK
     for j in range(tl.maximum(first - 1, 0), full):  # whole blocks without a range mask
         z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = _raw_block(
-            s_row, t_row, j * BLOCK, inner, V, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
+            s_row, t_row, start + j * BLOCK, inner, stop, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
             z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
             False, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS)
-    if full * BLOCK < V:
+    if start + full * BLOCK < stop:
         z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = _raw_block(
-            s_row, t_row, full * BLOCK, inner, V, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
+            s_row, t_row, start + full * BLOCK, inner, stop, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
             z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
             True, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS)
 
-    # Sums -> centred statistics, and the rounding the loss can carry: about 2^-24 times
-    # bound = sum_B (a1_B + a2_B) S2_B / Z_B (each base's M2 cancels to that), against 4 * loss.
-    # Unused bases get the exact kernel's placeholders.
-    bound = 0.0
-    check = 0.0
-    n_row = tl.where(count == 0.0, 0.0, 1.0)
+    # The per-entry sums summed, and taken back to the references.
     nil = tl.zeros([], tl.float32)
-    m_s, zs, mu_s, m2_s = nil - float("inf"), nil, nil, nil
-    m_t, zt, mu_t, m2_t = nil - float("inf"), nil, nil, nil
-    mu_u, m2_u = nil, nil
+    z_s, mu_s, s2_s = _raw_moments(z_s, s1_s, s2_s, fix_s)
+    z_t, mu_t, s2_t = _raw_moments(z_t, s1_t, s2_t, fix_t)
+    n, mu_u, s2_u = _raw_moments(n, s1_u, s2_u, 1.0)
+    z_1 = tl.sum(tl.sum(tl.sum(z_1, axis=2), axis=1), axis=0)
+    # An unused base, or a range without a valid entry, as the exact kernel leaves it.
+    empty = count == 0.0
+    m_s, m_t, m_1 = nil - float("inf"), nil - float("inf"), nil - float("inf")
     if NEED_S:
-        m_s = ref_s
-        zs, mu_s, m2_s, b_s = _centred(z_s, s1_s, s2_s, fix_s)
-        bound += (a1_s + a2_s) * b_s
-        check += zs + mu_s + m2_s
+        m_s = tl.where(empty, -float("inf"), ref_s)
     if NEED_T:
-        m_t = ref_t
-        zt, mu_t, m2_t, b_t = _centred(z_t, s1_t, s2_t, fix_t)
-        bound += (a1_t + a2_t) * b_t
-        check += zt + mu_t + m2_t
-    if NEED_U:
-        n_row, mu_u, m2_u, b_u = _centred(n, s1_u, s2_u, 1.0)
-        bound += (a1_u + a2_u) * b_u
-        check += mu_u + m2_u
-    z1 = nil
+        m_t = tl.where(empty, -float("inf"), ref_t)
     if CE:
-        z1 = tl.sum(tl.sum(tl.sum(z_1, axis=2), axis=1), axis=0)
-        check += z1
-    # CSD's loss of the same weights, whatever LOSS is: for a KL divergence (w1 = S, w2 = T) 4 * loss is
-    # Var_S + Var_T + (E_S - E_T)^2, the spread the exact forward's rounding of E_S and E_T scales with.
-    loss, _, _, _, _ = _row_loss(
-        c, 1.0 / tl.maximum(n_row, 1.0), m_s, zs, mu_s, m2_s, m_t, zt, mu_t, m2_t, mu_u, m2_u,
-        s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U, 0)
-    # Kept: a row with a valid entry, finite sums (no overflow from a maximum far above the first
-    # block's, no NaN), whose loss carries at most max_cancellation times fp32 rounding (NaN fails too).
-    keep = (count > 0.0) & ((check - check) == 0.0) & (bound <= max_cancellation * (4.0 * loss))
-    tl.store(redo_ptr + row, 1 - keep.to(tl.int8))
-    if keep:
-        _finalize(
-            row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
-            c, n_row, m_s, zs, mu_s, m2_s, m_t, zt, mu_t, m2_t, mu_u, m2_u, ref_1, z1,
-            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
-            NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,
-        )
+        m_1 = tl.where(empty, -float("inf"), ref_1)
+    if not NEED_U:  # no count kept: n only tells an empty range (0) from one with entries (1)
+        n = tl.where(empty, 0.0, 1.0)
+    if SPLIT:
+        out = part_ptr + (row * tl.num_programs(1) + part) * PARTIAL
+        tl.store(out + 0, c)
+        tl.store(out + 1, m_s)
+        tl.store(out + 2, z_s)
+        tl.store(out + 3, mu_s)
+        tl.store(out + 4, s2_s)
+        tl.store(out + 5, m_t)
+        tl.store(out + 6, z_t)
+        tl.store(out + 7, mu_t)
+        tl.store(out + 8, s2_t)
+        tl.store(out + 9, n)
+        tl.store(out + 10, mu_u)
+        tl.store(out + 11, s2_u)
+        tl.store(out + 12, m_1)
+        tl.store(out + 13, z_1)
+    else:
+        # M2 = S2 - Z mu^2, which cancels to about 2^-24 S2; its bound per base is S2 / Z.
+        _raw_finish(
+            row, N, V, s_row, labels_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr,
+            c, n, m_s, z_s, mu_s, s2_s - z_s * mu_s * mu_s, s2_s / z_s, m_t, z_t, mu_t, s2_t - z_t * mu_t * mu_t,
+            s2_t / z_t, mu_u, s2_u - n * mu_u * mu_u, s2_u / tl.maximum(n, 1.0), m_1, z_1,
+            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight, max_cancellation,
+            NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS)
 
 
 @triton.jit
@@ -716,35 +758,67 @@ def _column(parts, k, lanes, other):
 
 
 @triton.jit
+def _raw_bound(m_p, z_p, s2_p, scale):
+    # A softmax's S2 / Z over P raw partials, each around its own reference (the bound of _raw_finish).
+    m = tl.max(m_p, axis=0)
+    a = tl.exp2((m_p - tl.where(m == float("-inf"), 0.0, m)) * scale)
+    return tl.sum(a * s2_p, axis=0) / tl.sum(a * z_p, axis=0)
+
+
+@triton.jit
 def _merge_kernel(
-    part_ptr, s_ptr, labels_ptr, active_ptr, loss_ptr, comp_ptr, stats_ptr,
+    part_ptr, s_ptr, labels_ptr, active_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr,
     N, V, L1, s_so, s_si, P,
-    s_scale, t_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+    s_scale, t_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight, max_cancellation,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
-    CE: tl.constexpr, COMPONENTS: tl.constexpr, BLOCK_P: tl.constexpr,
+    CE: tl.constexpr, COMPONENTS: tl.constexpr, BLOCK_P: tl.constexpr, RAW: tl.constexpr = False,
+    REDO: tl.constexpr = False,
 ):
+    # RAW: the partials are `_fwd_raw_kernel`'s (S2 in the M2 columns); a row it cannot finalise to
+    # fp32 accuracy is flagged in redo_ptr. REDO: only the rows flagged there (active_ptr is redo_ptr).
     row = tl.program_id(0).to(tl.int64)
     if tl.load(active_ptr + row) == 0:
-        _store_excluded_row(row, N, loss_ptr, comp_ptr, COMPONENTS)
+        if RAW:
+            tl.store(redo_ptr + row, 0)
+        if not REDO:
+            _store_excluded_row(row, N, loss_ptr, comp_ptr, COMPONENTS)
         return
     index = tl.arange(0, BLOCK_P)
     lanes = index < P
     parts = part_ptr + row * P * PARTIAL + index * PARTIAL
     # The columns of stats.P_*; a missing partial reads as an empty one.
     empty = float("-inf")
+    c_p, n_p, mu_u, m2_u = _column(parts, 0, lanes, 0.0), _column(parts, 9, lanes, 0.0), \
+        _column(parts, 10, lanes, 0.0), _column(parts, 11, lanes, 0.0)
+    m_s, z_s, mu_s, m2_s = _column(parts, 1, lanes, empty), _column(parts, 2, lanes, 0.0), \
+        _column(parts, 3, lanes, 0.0), _column(parts, 4, lanes, 0.0)
+    m_t, z_t, mu_t, m2_t = _column(parts, 5, lanes, empty), _column(parts, 6, lanes, 0.0), \
+        _column(parts, 7, lanes, 0.0), _column(parts, 8, lanes, 0.0)
+    m_1, z_1 = _column(parts, 12, lanes, empty), _column(parts, 13, lanes, 0.0)
+    if RAW:  # S2 around each part's shift -> M2 around its mean; the bounds before the merge
+        b_s = _raw_bound(m_s, z_s, m2_s, s_scale)
+        b_t = _raw_bound(m_t, z_t, m2_t, t_scale)
+        b_u = tl.sum(m2_u, axis=0) / tl.maximum(tl.sum(n_p, axis=0), 1.0)
+        m2_s = m2_s - z_s * mu_s * mu_s
+        m2_t = m2_t - z_t * mu_t * mu_t
+        m2_u = m2_u - n_p * mu_u * mu_u
     shift, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _merge_parts(
-        _column(parts, 0, lanes, 0.0), _column(parts, 1, lanes, empty), _column(parts, 2, lanes, 0.0),
-        _column(parts, 3, lanes, 0.0), _column(parts, 4, lanes, 0.0), _column(parts, 5, lanes, empty),
-        _column(parts, 6, lanes, 0.0), _column(parts, 7, lanes, 0.0), _column(parts, 8, lanes, 0.0),
-        _column(parts, 9, lanes, 0.0), _column(parts, 10, lanes, 0.0), _column(parts, 11, lanes, 0.0),
-        _column(parts, 12, lanes, empty), _column(parts, 13, lanes, 0.0), index,
+        c_p, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n_p, mu_u, m2_u, m_1, z_1, index,
         s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE)
-    _finalize(
-        row, N, V, _row_base(s_ptr, row, L1, s_so, s_si), labels_ptr, loss_ptr, comp_ptr, stats_ptr,
-        shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
-        s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
-        NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,
-    )
+    s_row = _row_base(s_ptr, row, L1, s_so, s_si)
+    if RAW:
+        _raw_finish(
+            row, N, V, s_row, labels_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr,
+            shift, n, m_s, z_s, mu_s, m2_s, b_s, m_t, z_t, mu_t, m2_t, b_t, mu_u, m2_u, b_u, m_1, z_1,
+            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight, max_cancellation,
+            NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS)
+    else:
+        _finalize(
+            row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
+            shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
+            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+            NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,
+        )
 
 
 @triton.jit
@@ -813,7 +887,7 @@ def _bwd_kernel(
         ce_grad = tl.where(cols == tl.where(label_ok, label, -1).to(tl.int32), p_1 - 1.0, p_1)
         ce_scale = upstream * ce_weight
         if not SHARDED:  # a vocabulary shard's label may lie in another shard: no one-hot here, no NaN
-            ce_scale = tl.where(label_ok, ce_scale, NAN)  # NaN over the row, through the row's constant
+            ce_scale = tl.where(label_ok, ce_scale, float("nan"))  # NaN over the row, through the row's constant
         g += ce_scale * ce_grad
     tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V)
 
@@ -955,21 +1029,22 @@ def _flags(spec: LossSpec):
                 LOSS=spec.kind_code, CE=spec.has_ce)
 
 
-def _launch_forward(student, teacher, active, labels, spec, components, programs, partials):
-    """The forward kernel over all rows; `partials` (N, programs, PARTIAL) when split, else None."""
+def _launch_forward(student, teacher, active, labels, spec, components, programs, partials, raw=False,
+                    outputs=None):
+    """The forward over all rows; `partials` (N, programs, PARTIAL) when split, else None.
+
+    Unsplit: the raw pass (RAW_FORWARD), then the exact one over the rows it flags; returns (total,
+    components or None, stats). Split: one pass writing partials, raw (`raw`) or exact; `active` may be
+    the raw merge's redo flags. `outputs` (total, components, stats): written in place."""
     vocab = student.shape[-1]
     n_rows = active.numel()
     device = student.device
-    total = torch.empty(n_rows, dtype=torch.float32, device=device)
-    parts = torch.empty(2, n_rows, dtype=torch.float32, device=device) if components else None
-    # Zeroed (N x 32 bytes, negligible): excluded rows and the padding column are never written, and an
-    # operator's outputs must not carry uninitialised memory.
-    stats = torch.zeros(n_rows, st.NUM_STATS, dtype=torch.float32, device=device)
+    if outputs is None:
+        outputs = _forward_outputs(n_rows, components, device)
+    total, parts, stats = outputs
     if n_rows == 0:
-        return total, parts, stats
+        return outputs
     (s, t), l1, ((s_so, s_si), (t_so, t_si)) = _rows(student, teacher)
-    block, num_warps, sub, lanes, vec = forward_config(vocab, student.element_size())
-    cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
     active = _per_row(active, n_rows)
     # The labels are read only where a row is finalised; a placeholder pointer otherwise.
     labels = _per_row(labels, n_rows) if spec.has_ce and partials is None else active
@@ -979,28 +1054,42 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
     words = aligned and vocab % 2 == 0 and s.dtype == torch.bfloat16 and t.dtype == torch.bfloat16
     common = dict(maxnreg=FORWARD_MAX_REGISTERS, COMPONENTS=components, LEAD=spec.lead_base,
                   NATIVE=student.device.type != "cpu", ALIGNED=aligned, WORDS=words, **_flags(spec))
-    tile = dict(BLOCK=block, num_warps=num_warps, SUB=sub, LANES=lanes, VEC=vec, **common)
-    raw = partials is None and RAW_FORWARD
-    if raw:  # the raw forward, then the exact pass over the rows it flags (usually none)
-        redo = torch.empty(n_rows, dtype=torch.int8, device=device)
-        block_r, warps_r, sub_r, lanes_r, vec_r = forward_config(vocab, student.element_size(), RAW_WARPS)
-        _fwd_raw_kernel[(n_rows,)](
-            s, t, labels, active, redo, total, comp, stats,
-            n_rows, vocab, l1,
+    if raw or (partials is None and RAW_FORWARD):
+        block, num_warps, sub, lanes, vec = forward_config(vocab, student.element_size(), RAW_WARPS)
+        cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
+        redo = torch.empty(n_rows if partials is None else 0, dtype=torch.int8, device=device)
+        _fwd_raw_kernel[(n_rows, programs)](
+            s, t, labels, active, redo, partials if partials is not None else total, total, comp, stats,
+            n_rows, vocab, l1, cols_per_program,
             s_so, s_si, t_so, t_si,
             *_launch_constants(spec), MAX_CANCELLATION,
-            SHARE_CE=spec.has_ce and spec.need_student and spec.temperature == 1.0,
-            BLOCK=block_r, num_warps=warps_r, SUB=sub_r, LANES=lanes_r, VEC=vec_r, **common,
+            SHARE_CE=spec.has_ce and spec.need_student and spec.temperature == 1.0, SPLIT=partials is not None,
+            BLOCK=block, num_warps=num_warps, SUB=sub, LANES=lanes, VEC=vec, **common,
         )
-        active = redo
+        if partials is not None:
+            return outputs
+        active = redo  # the exact pass below: only the rows the raw pass flagged
+    block, num_warps, sub, lanes, vec = forward_config(vocab, student.element_size())
+    cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
     _fwd_kernel[(n_rows, programs)](
         s, t, labels, active, partials if partials is not None else total, total, comp, stats,
         n_rows, vocab, l1, cols_per_program,
         s_so, s_si, t_so, t_si,
         *_launch_constants(spec),
-        SPLIT=partials is not None, REDO=raw, **tile,
+        SPLIT=partials is not None, REDO=partials is None and RAW_FORWARD,
+        BLOCK=block, num_warps=num_warps, SUB=sub, LANES=lanes, VEC=vec, **common,
     )
-    return total, parts, stats
+    return outputs
+
+
+def _forward_outputs(n_rows, components, device):
+    """(total (N,), components (2, N) or None, stats (N, NUM_STATS)) of a forward, fp32.
+
+    stats is zeroed (N x 64 bytes, negligible): excluded rows and the padding columns are never written,
+    and an operator's outputs must not carry uninitialised memory."""
+    return (torch.empty(n_rows, dtype=torch.float32, device=device),
+            torch.empty(2, n_rows, dtype=torch.float32, device=device) if components else None,
+            torch.zeros(n_rows, st.NUM_STATS, dtype=torch.float32, device=device))
 
 
 def partials(student, teacher, active, labels, spec, programs: int = 1) -> torch.Tensor:
@@ -1010,28 +1099,34 @@ def partials(student, teacher, active, labels, spec, programs: int = 1) -> torch
     return out
 
 
-def finalize(parts, student, active, labels, spec, components: bool = False):
+def finalize(parts, student, active, labels, spec, components: bool = False, raw=None, outputs=None):
     """Merge (N, P, PARTIAL) partial statistics of each row (in a fixed order) and finalise the rows:
-    (total (N,), components (2, N) or None, stats (N, NUM_STATS)). CE reads s[label] from `student`."""
+    (total (N,), components (2, N) or None, stats (N, NUM_STATS)). CE reads s[label] from `student`.
+
+    `raw`: an (N,) int8 tensor; the partials are the raw pass's, and the rows it cannot finalise to fp32
+    accuracy are flagged there (and not written). `outputs`: written in place, and then only the rows
+    `active` marks (the flagged rows' exact partials)."""
     n_rows = active.numel()
     device = parts.device
-    total = torch.empty(n_rows, dtype=torch.float32, device=device)
-    pieces = torch.empty(2, n_rows, dtype=torch.float32, device=device) if components else None
-    stats = torch.zeros(n_rows, st.NUM_STATS, dtype=torch.float32, device=device)
+    redo = outputs is not None
+    if outputs is None:
+        outputs = _forward_outputs(n_rows, components, device)
+    total, pieces, stats = outputs
     if n_rows == 0:
-        return total, pieces, stats
+        return outputs
     parts = parts.reshape(n_rows, -1, st.PARTIAL).contiguous()
     (s,), l1, ((s_so, s_si),) = _rows(student)
     active = _per_row(active, n_rows)
     constants = _launch_constants(spec)
     _merge_kernel[(n_rows,)](
-        parts, s, _per_row(labels, n_rows) if spec.has_ce else active, active, total,
-        pieces if components else total, stats,
+        parts, s, _per_row(labels, n_rows) if spec.has_ce else active, active,
+        raw if raw is not None else active, total, pieces if components else total, stats,
         n_rows, student.shape[-1], l1, s_so, s_si, parts.shape[1],
-        *constants,
-        BLOCK_P=triton.next_power_of_2(parts.shape[1]), num_warps=1, COMPONENTS=components, **_flags(spec),
+        *constants, MAX_CANCELLATION,
+        BLOCK_P=triton.next_power_of_2(parts.shape[1]), num_warps=1, COMPONENTS=components,
+        RAW=raw is not None, REDO=redo, **_flags(spec),
     )
-    return total, pieces, stats
+    return outputs
 
 
 def forward(
@@ -1050,10 +1145,18 @@ def forward(
     vocab, n_rows = student.shape[-1], active.numel()
     block = forward_config(vocab, student.element_size())[0]
     programs = split_count(n_rows, vocab, block, student.device) if splits is None else splits
-    if programs == 1:  # one program per row finalises its own row: a single kernel
+    if programs == 1:  # one program per row finalises its own row (the raw pass, then the exact redo)
         return _launch_forward(student, teacher, active, labels, spec, components, 1, None)
-    split = partials(student, teacher, active, labels, spec, programs)
-    return finalize(split, student, active, labels, spec, components)
+    if not RAW_FORWARD:
+        split = partials(student, teacher, active, labels, spec, programs)
+        return finalize(split, student, active, labels, spec, components)
+    # Split rows: raw partials and their merge, then the exact partials and merge of the flagged rows.
+    split = torch.zeros(n_rows, programs, st.PARTIAL, dtype=torch.float32, device=student.device)
+    _launch_forward(student, teacher, active, labels, spec, False, programs, split, raw=True)
+    redo = torch.empty(n_rows, dtype=torch.int8, device=student.device)
+    outputs = finalize(split, student, active, labels, spec, components, raw=redo)
+    _launch_forward(student, teacher, redo, labels, spec, False, programs, split)
+    return finalize(split, student, redo, labels, spec, components, outputs=outputs)
 
 
 def backward(

@@ -173,9 +173,10 @@ def record_launches(loss, weighting, ce, dtype_name, vocab, rows=8192, split_row
             else:
                 tb.forward(s, t, active, labels, spec, components=bool(ce), splits=splits)
             for fn, grid, args, kwargs in launches:
-                # An unsplit CSD forward is the raw kernel and the exact pass over the rows it flags
-                # ("redo", which costs only on those rows).
-                kind = {"_fwd_raw_kernel": role, "_fwd_kernel": "redo" if kwargs.get("REDO") else role,
+                # An unsplit forward is the raw pass, its second pass ("retry", the same code) and the
+                # exact pass ("redo") over the rows it flags: those cost only on the flagged rows.
+                kind = {"_fwd_raw_kernel": "retry" if kwargs.get("RETRY") else role,
+                        "_fwd_kernel": "redo" if kwargs.get("REDO") else role,
                         "_merge_kernel": "merge", "_bwd_kernel": "backward"}[fn.__name__]
                 out.append((kind, fn, grid, args, kwargs))
     finally:

@@ -28,7 +28,7 @@ def redone(request, monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 if kwargs.get("REDO"):
-                    counts.append(int(args[3].sum()))  # active_ptr: the raw pass's redo flags
+                    counts.append(int((args[3] != 0).sum()))  # active_ptr: the raw pass's redo flags
                 return exact[grid](*args, **kwargs)
             return launch
 
@@ -92,14 +92,18 @@ def _peaked_rows(vocab=3000):
     return student.to(DEVICE), teacher.to(DEVICE)
 
 
-def test_cancelling_rows_are_redone_exactly(redone):
+def test_cancelling_rows_are_redone_exactly(redone, request):
+    """Unsplit, a second raw pass around the first's E_w1 recovers them (its bound is 4 * loss itself),
+    so the exact pass gets none; split rows are judged by the merge and go to the exact pass."""
     student, teacher = _peaked_rows()
     _check(student, teacher, weighting="tt")
-    assert redone == [2], redone
+    split = "split-rows" in request.node.callspec.id
+    assert redone == ([2] if split else [0]), redone
 
 
 def test_the_cancelling_rows_test_can_fail(redone, monkeypatch):
-    """With the redo switched off, the same rows' loss is out of tolerance."""
+    """With the redo switched off (every first raw pass kept), the same rows' loss is out of tolerance:
+    the test above passes only because the rows were recomputed."""
     student, teacher = _peaked_rows()
     monkeypatch.setattr(tb, "MAX_CANCELLATION", math.inf)
     loss = csd_loss(student, teacher, weighting="tt", backend="triton", reduction="none")

@@ -13,8 +13,8 @@ hard-label cross-entropy (one more running log-sum-exp, one load of s[label] per
               (loss + 10 statistics).
               P > 1 (few rows, long vocabulary): it writes 14 partial statistics and `_merge_kernel`
               (grid (N,)) merges the P partials of each row. Deterministic: fixed merge order, no atomics.
-    raw       (CSD, P == 1: the usual case) `_fwd_raw_kernel` replaces the forward above by a cheaper pass,
-              see "The raw forward" below; `_fwd_kernel` (REDO) then recomputes only the rows it flags.
+    raw       `_fwd_raw_kernel` replaces the forward above by a cheaper pass (split or not; see "The raw
+              forward" below); it and `_fwd_kernel` then recompute only the rows it flags.
     backward  grid (N, cdiv(V, BLOCK)): each program recomputes S(k), T(k), U(k) for one block from the
               row statistics and writes grad_rows[row] times the loss's gradient, for CSD
               1/2 (w2 (d - E_w1) + w1 (d - E_w2)).
@@ -26,20 +26,29 @@ O(N) fp32. Excluded rows cost one load of their `active` flag (plus, backward, w
 The raw forward. The exact forward above folds every 16-entry tile into each lane's centred moments
 (a running maximum, Chan's update, a second sweep for M2): about 9 instructions per entry per softmax
 base, which makes a two-softmax forward issue-bound below the H200's bandwidth. The raw pass fixes, from
-the row's first block with a valid entry, the shift c (as above) and for each softmax a reference r, the
-block's largest logit, and keeps per-entry sums p, p (d - c) and p (d - c)^2 with p = 2^((x - r) / tau'),
-one FADD or FFMA each (5 instructions per entry per base with its exponential; d^2 once for all bases);
-threads and entries are summed after the row. Then E_B = S1 / Z and M2_B = S2 - S1^2 / Z, which cancels
-where E_B lies far from c compared with the spread: the rounding of the loss is about 2^-24 times
-bound = sum_B (a1_B + a2_B) S2_B / Z_B. A row is redone by the exact forward when bound exceeds
-MAX_CANCELLATION times 4 * loss, when a sum is not finite (a logit so far above the first block's
-maximum that an exponential overflows, or a NaN, which the exact pass propagates), or when it has no
-valid entry. On rows like a language model's (a spread of a few nats around the first block's values)
-nothing is redone; a teacher that puts all but ~1e-5 of its mass on one entry whose d lies far from the
-first block's is, under "tt" (tests/test_raw_forward.py). Each redone row costs one more read of s and t.
-The KL divergences take the same pass and the same test, with CSD's "st" loss (Var_S + Var_T +
-(E_S - E_T)^2, the spread the exact pass's rounding of E_S and E_T scales with) in place of 4 * loss.
-Split rows (few rows, long vocabularies) keep the exact forward.
+the range's first block with a valid entry, the shift c (as above) and for each softmax a reference r,
+the block's largest logit, and keeps per-entry sums p, p (d - c) and p (d - c)^2 with
+p = 2^((x - r) / tau'), one FADD or FFMA each (5 instructions per entry per base with its exponential;
+d^2 once for all bases); threads and entries are summed after the row, one warp a row. Then
+E_B = S1 / Z and M2_B = S2 - S1^2 / Z, which cancels where E_B lies far from c compared with the spread:
+the rounding of the loss is about 2^-24 times bound = sum_B (a1_B + a2_B) S2_B / Z_B, against 4 * loss
+(for the KL divergences CSD's "st" loss, Var_S + Var_T + (E_S - E_T)^2, the spread the exact pass's
+rounding of E_S and E_T scales with). A row is kept when bound <= MAX_CANCELLATION * 4 * loss, its
+sums are finite and it has a valid entry. Around c' = c + E_w1 the bound is 4 * loss exactly (the
+parallel-axis identity over the mixture), so a row that fails only the bound takes a second raw pass
+around c' (flag 1; `_fwd_raw_kernel` with RETRY). A row whose sums are not finite (a logit so far above
+the first block's maximum that an exponential overflows, or a NaN, which the exact pass propagates) or
+that has no valid entry goes to the exact forward (flag 2; `_fwd_kernel` with REDO). Split rows are
+judged after `_merge_kernel` merges their raw partials, and any row it flags goes to the exact split
+forward and merge.
+
+Which rows fail the bound depends on the data: c is d at the first block's mode, and a peaked w1 puts
+E_w1 at its mode's d, wherever that lies. A model of the decision (the kernel's formula in float64 torch,
+N = 1000, V = 32000, teacher ~ N(0, 2^2) plus a peak at a random id, student = teacher + noise; first
+block 512 entries) flags: none for a flat teacher, 0.1 % for a mean top-1 probability of 0.06, 4-6 %
+at 0.45, 16-25 % at 0.73, 40-51 % at 0.91 and 83-91 % at 0.997 ("ts", "st", "tt", "ss"; "us" none, its
+w1 is U). Those rows cost a second read of s and t. The GPU-validation issue should measure the flag
+rate on a real teacher's logits.
 
 Softmax exponentials use exp2 with log2(e) / temperature folded into one per-row constant, so each
 element costs one FMA and one exp2 per base distribution.
@@ -556,17 +565,17 @@ def _raw_moments(z, s1, s2, fix):
 
 
 @triton.jit
-def _raw_finish(
-    row, N, V, s_row, labels_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr,
-    shift, n, m_s, z_s, mu_s, m2_s, b_s, m_t, z_t, mu_t, m2_t, b_t, mu_u, m2_u, b_u, m_1, z_1,
-    s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight, max_cancellation,
-    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
-    CE: tl.constexpr, COMPONENTS: tl.constexpr,
+def _raw_keep(
+    shift, n, m_s, z_s, mu_s, m2_s, b_s, m_t, z_t, mu_t, m2_t, b_t, mu_u, m2_u, b_u, z_1,
+    s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, max_cancellation,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, CE: tl.constexpr,
 ):
-    # A row's statistics from raw sums (M2 = S2 - Z mu^2 per base, b = S2 / Z the scale it cancels
-    # from): finalise it, or flag it for the exact pass. The loss's rounding is about 2^-24 times
-    # bound = sum_B (a1_B + a2_B) b_B, against 4 * CSD's loss of the same weights (for a KL divergence,
-    # w1 = S and w2 = T, Var_S + Var_T + (E_S - E_T)^2: the spread the exact pass's rounding scales with).
+    # Whether a row's statistics from raw sums (M2 = S2 - Z mu^2 per base, b = S2 / Z the scale it
+    # cancels from) give its loss to fp32 accuracy: (keep, retry, E_w1[d - shift]). The loss's rounding
+    # is about 2^-24 times bound = sum_B (a1_B + a2_B) b_B, against 4 * CSD's loss of the same weights
+    # (for a KL divergence, w1 = S and w2 = T, Var_S + Var_T + (E_S - E_T)^2: the spread the exact
+    # pass's rounding scales with). Around shift + E_w1 the bound equals 4 * loss (stats.py), so a row
+    # that fails only the bound is worth one more raw pass there (retry).
     bound = 0.0
     check = 0.0
     if NEED_S:
@@ -580,13 +589,26 @@ def _raw_finish(
         check += mu_u + m2_u
     if CE:
         check += z_1
-    loss, _, _, _, _ = _row_loss(
+    loss, e1, _, _, _ = _row_loss(
         shift, 1.0 / tl.maximum(n, 1.0), m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u,
         s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, NEED_S, NEED_T, NEED_U, 0)
     # Kept: a row with a valid entry, finite sums (no overflow from a maximum far above the first
     # block's, no NaN), whose loss carries at most max_cancellation times fp32 rounding (NaN fails too).
-    keep = (n > 0.0) & ((check - check) == 0.0) & (bound <= max_cancellation * (4.0 * loss))
-    tl.store(redo_ptr + row, 1 - keep.to(tl.int8))
+    sound = (n > 0.0) & ((check - check) == 0.0)
+    keep = sound & (bound <= max_cancellation * (4.0 * loss))
+    return keep, sound & (not keep), e1
+
+
+@triton.jit
+def _raw_finish(
+    row, N, V, s_row, labels_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr, keep,
+    shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
+    s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
+    CE: tl.constexpr, COMPONENTS: tl.constexpr,
+):
+    # Finalise a kept row (flag 0), or flag it for the exact pass (2; and write nothing else).
+    tl.store(redo_ptr + row, 2 - 2 * keep.to(tl.int8))
     if keep:
         _finalize(
             row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
@@ -642,6 +664,7 @@ def _fwd_raw_kernel(
     CE: tl.constexpr, COMPONENTS: tl.constexpr, BLOCK: tl.constexpr,
     LEAD: tl.constexpr, SUB: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, NATIVE: tl.constexpr,
     ALIGNED: tl.constexpr, WORDS: tl.constexpr, SHARE_CE: tl.constexpr, SPLIT: tl.constexpr,
+    RETRY: tl.constexpr = False,
 ):
     # The fast forward (see "The raw forward" above): raw sums per entry around a fixed reference and
     # shift, taken from the range's first block with a valid entry. Unsplit, a row whose sums cannot
@@ -649,7 +672,10 @@ def _fwd_raw_kernel(
     # program (row, p) writes raw partials (stats.P_* with S2 in place of M2) for `_merge_kernel` (RAW).
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
-    if tl.load(active_ptr + row) == 0:
+    if RETRY:  # active_ptr is redo_ptr: only the rows the first pass flagged with 1
+        if tl.load(active_ptr + row) != 1:
+            return
+    elif tl.load(active_ptr + row) == 0:
         if not SPLIT:
             tl.store(redo_ptr + row, 0)
             _store_excluded_row(row, N, loss_ptr, comp_ptr, COMPONENTS)
@@ -694,9 +720,21 @@ def _fwd_raw_kernel(
 
     if SHARE_CE:  # S's exponents in the exact form, around ref_s itself
         fix_s = 1.0
+    nil = tl.zeros([], tl.float32)
+    # An unused base, or a range without a valid entry, as the exact kernel leaves it.
+    empty = count == 0.0
+    m_s, m_t, m_1 = nil - float("inf"), nil - float("inf"), nil - float("inf")
+    if NEED_S:
+        m_s = tl.where(empty, -float("inf"), ref_s)
+    if NEED_T:
+        m_t = tl.where(empty, -float("inf"), ref_t)
+    if CE:
+        m_1 = tl.where(empty, -float("inf"), ref_1)
     zero = tl.zeros([1, LANES, VEC], tl.float32)
     z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = zero, zero, zero, zero, zero, zero, zero, zero, \
         zero, zero
+    if RETRY:  # the second pass of a row the first flagged: around the first's shift + E_w1
+        c = tl.load(stats_ptr + row * STATS + 6)
     full = (stop - start) // BLOCK
     for j in range(tl.maximum(first - 1, 0), full):  # whole blocks without a range mask
         z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = _raw_block(
@@ -708,22 +746,11 @@ def _fwd_raw_kernel(
             s_row, t_row, start + full * BLOCK, inner, stop, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
             z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
             True, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS)
-
     # The per-entry sums summed, and taken back to the references.
-    nil = tl.zeros([], tl.float32)
     z_s, mu_s, s2_s = _raw_moments(z_s, s1_s, s2_s, fix_s)
     z_t, mu_t, s2_t = _raw_moments(z_t, s1_t, s2_t, fix_t)
     n, mu_u, s2_u = _raw_moments(n, s1_u, s2_u, 1.0)
     z_1 = tl.sum(tl.sum(tl.sum(z_1, axis=2), axis=1), axis=0)
-    # An unused base, or a range without a valid entry, as the exact kernel leaves it.
-    empty = count == 0.0
-    m_s, m_t, m_1 = nil - float("inf"), nil - float("inf"), nil - float("inf")
-    if NEED_S:
-        m_s = tl.where(empty, -float("inf"), ref_s)
-    if NEED_T:
-        m_t = tl.where(empty, -float("inf"), ref_t)
-    if CE:
-        m_1 = tl.where(empty, -float("inf"), ref_1)
     if not NEED_U:  # no count kept: n only tells an empty range (0) from one with entries (1)
         n = tl.where(empty, 0.0, 1.0)
     if SPLIT:
@@ -744,12 +771,24 @@ def _fwd_raw_kernel(
         tl.store(out + 13, z_1)
     else:
         # M2 = S2 - Z mu^2, which cancels to about 2^-24 S2; its bound per base is S2 / Z.
-        _raw_finish(
-            row, N, V, s_row, labels_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr,
-            c, n, m_s, z_s, mu_s, s2_s - z_s * mu_s * mu_s, s2_s / z_s, m_t, z_t, mu_t, s2_t - z_t * mu_t * mu_t,
-            s2_t / z_t, mu_u, s2_u - n * mu_u * mu_u, s2_u / tl.maximum(n, 1.0), m_1, z_1,
-            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight, max_cancellation,
-            NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS)
+        m2_s = s2_s - z_s * mu_s * mu_s
+        m2_t = s2_t - z_t * mu_t * mu_t
+        m2_u = s2_u - n * mu_u * mu_u
+        keep, retry, e1 = _raw_keep(
+            c, n, m_s, z_s, mu_s, m2_s, s2_s / z_s, m_t, z_t, mu_t, m2_t, s2_t / z_t, mu_u, m2_u,
+            s2_u / tl.maximum(n, 1.0), z_1, s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, max_cancellation,
+            NEED_S, NEED_T, NEED_U, CE)
+        if RETRY:
+            retry = False
+        if retry:  # flag 1: the second raw pass, around the shift it leaves in the stats row
+            tl.store(redo_ptr + row, 1)
+            tl.store(stats_ptr + row * STATS + 6, c + e1)
+        else:  # kept (flag 0) or for the exact pass (flag 2)
+            _raw_finish(
+                row, N, V, s_row, labels_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr, keep,
+                c, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
+                s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+                NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS)
 
 
 @triton.jit
@@ -807,10 +846,13 @@ def _merge_kernel(
         s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE)
     s_row = _row_base(s_ptr, row, L1, s_so, s_si)
     if RAW:
+        keep, _, _ = _raw_keep(
+            shift, n, m_s, z_s, mu_s, m2_s, b_s, m_t, z_t, mu_t, m2_t, b_t, mu_u, m2_u, b_u, z_1,
+            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, max_cancellation, NEED_S, NEED_T, NEED_U, CE)
         _raw_finish(
-            row, N, V, s_row, labels_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr,
-            shift, n, m_s, z_s, mu_s, m2_s, b_s, m_t, z_t, mu_t, m2_t, b_t, mu_u, m2_u, b_u, m_1, z_1,
-            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight, max_cancellation,
+            row, N, V, s_row, labels_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr, keep,
+            shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
+            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
             NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS)
     else:
         _finalize(
@@ -1058,17 +1100,22 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
         block, num_warps, sub, lanes, vec = forward_config(vocab, student.element_size(), RAW_WARPS)
         cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
         redo = torch.empty(n_rows if partials is None else 0, dtype=torch.int8, device=device)
-        _fwd_raw_kernel[(n_rows, programs)](
-            s, t, labels, active, redo, partials if partials is not None else total, total, comp, stats,
-            n_rows, vocab, l1, cols_per_program,
-            s_so, s_si, t_so, t_si,
-            *_launch_constants(spec), MAX_CANCELLATION,
-            SHARE_CE=spec.has_ce and spec.need_student and spec.temperature == 1.0, SPLIT=partials is not None,
-            BLOCK=block, num_warps=num_warps, SUB=sub, LANES=lanes, VEC=vec, **common,
-        )
+        # Unsplit: the raw pass, its second pass over the rows it flags 1, the exact pass over those
+        # flagged 2 (each launch returns at once for the other rows).
+        for retry in (False, True) if partials is None else (False,):
+            _fwd_raw_kernel[(n_rows, programs)](
+                s, t, labels, redo if retry else active, redo, partials if partials is not None else total,
+                total, comp, stats,
+                n_rows, vocab, l1, cols_per_program,
+                s_so, s_si, t_so, t_si,
+                *_launch_constants(spec), MAX_CANCELLATION,
+                SHARE_CE=spec.has_ce and spec.need_student and spec.temperature == 1.0,
+                SPLIT=partials is not None, RETRY=retry,
+                BLOCK=block, num_warps=num_warps, SUB=sub, LANES=lanes, VEC=vec, **common,
+            )
         if partials is not None:
             return outputs
-        active = redo  # the exact pass below: only the rows the raw pass flagged
+        active = redo  # the exact pass below: only the rows flagged 2 (no row is left at 1)
     block, num_warps, sub, lanes, vec = forward_config(vocab, student.element_size())
     cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
     _fwd_kernel[(n_rows, programs)](

@@ -1,6 +1,7 @@
-"""The Triton forward's raw pass (`_fwd_raw_kernel`, unsplit and split rows) and its exact redo:
-ordinary rows stay on the raw pass and match the reference; rows whose raw sums cancel, overflow or hold no entry are redone exactly,
-and without the redo those rows would be visibly wrong (so the tests can fail)."""
+"""The Triton forward's raw pass (`_fwd_raw_kernel`, unsplit and split rows) and its recomputation:
+ordinary rows stay on the raw pass and match the reference; rows whose raw sums cancel, overflow or hold
+no entry are recomputed exactly, and without that those rows would be visibly wrong (so the tests can
+fail)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,10 @@ def _check(student, teacher, **kwargs):
     assert_close(grad, ref_grad, dtype=student.dtype, name="gradient")
 
 
-@pytest.mark.parametrize("weighting", ["ss", "ts", "st", "tt", "us", "uu",
-                                       ({"teacher": 0.3, "student": 0.5, "uniform": 0.2}, {"teacher": 0.15, "student": 0.85})],
+MIX = ({"teacher": 0.3, "student": 0.5, "uniform": 0.2}, {"teacher": 0.15, "student": 0.85})
+
+
+@pytest.mark.parametrize("weighting", ["ss", "ts", "st", "tt", "us", "uu", MIX],
                          ids=["ss", "ts", "st", "tt", "us", "uu", "mix"])
 @pytest.mark.parametrize("vocab", [300, 1100])
 def test_ordinary_rows_stay_on_the_raw_pass(redone, weighting, vocab):

@@ -75,7 +75,8 @@ def compile_all():
             raw_tile = dict(tile, BLOCK=block, SUB=sub, LANES=lanes, VEC=vec)
             for split in (False, True):
                 variants.append((k._fwd_raw_kernel, dict(flags, **raw_tile, COMPONENTS=bool(ce), SPLIT=split,
-                                                         SHARE_CE=bool(ce) and need[0] == 1), raw_warps))
+                                                         RETRY=False, SHARE_CE=bool(ce) and need[0] == 1),
+                                 raw_warps))
             for kernel, constexprs, warps in variants:
                 signature = _signature(kernel, dtype, constexprs)
                 try:

@@ -539,15 +539,17 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _raw_sums(x, dd, q, scale, ref, z, s1, s2, MOMENTS: tl.constexpr, EXACT: tl.constexpr):
-    # One tile into the per-entry raw sums of a softmax around the row's fixed reference: x the logits
-    # (-inf outside the row, weighing 0), p = 2^(x scale - ref). Each sum is one FADD or FFMA per entry.
-    # EXACT forms (x - ref) * scale (ref in raw units): exactly 1 at the reference.
+def _raw_sums(x, v, dd, q, scale, ref, z, s1, s2, MOMENTS: tl.constexpr, EXACT: tl.constexpr):
+    # One tile into the per-entry raw sums of a softmax around the row's fixed reference: x the logits,
+    # p = 2^(x scale - ref), weighted by v (1 on the row's entries, 0 elsewhere) in Z, while dd and q
+    # are 0 outside the row: one FFMA per sum and entry, and no mask of x per base. (An exponential that
+    # overflows outside the row still gives NaN here, and the row is redone.) EXACT forms
+    # (x - ref) * scale (ref in raw units): exactly 1 at the reference. Returns p too.
     if EXACT:
         p = tl.exp2((x - ref) * scale)
     else:
         p = tl.exp2(tl.fma(x, scale, -ref))
-    z += p
+    z = tl.fma(p, v, z)
     if MOMENTS >= 1:
         s1 = tl.fma(p, dd, s1)
     if MOMENTS >= 2:
@@ -628,27 +630,23 @@ def _raw_block(
     # One block, SUB sub-tiles one after the other, into the per-entry sums (one chain each).
     for i in tl.static_range(SUB):
         s, t, valid = _load_block(s_row, t_row, base + i * ENTRIES, inner, V, MASKED, NATIVE, WORDS)
+        v = tl.where(valid, 1.0, 0.0)
         dd = tl.where(valid, s - t - c, 0.0)
         q = dd * dd  # d^2 once, for every base
         if NEED_S:
-            if SHARE_CE:  # temperature 1: the cross-entropy's exponentials are S's, before S's mask
-                p, z_1, _, _ = _raw_sums(s, dd, q, s_scale, ref_s, z_1, z_1, z_1, 0, True)
-                p = tl.where(valid, p, 0.0)
-                z_s += p
-                s1_s = tl.fma(p, dd, s1_s)
-                s2_s = tl.fma(p, q, s2_s)
-            else:
-                _, z_s, s1_s, s2_s = _raw_sums(tl.where(valid, s, float("-inf")), dd, q, s_scale, r_s,
-                                               z_s, s1_s, s2_s, 2, False)
+            # temperature 1 (SHARE_CE): the cross-entropy's exponentials are S's, over every finite s
+            p, z_s, s1_s, s2_s = _raw_sums(s, v, dd, q, s_scale, ref_s if SHARE_CE else r_s, z_s, s1_s, s2_s, 2,
+                                           SHARE_CE)
+            if SHARE_CE:
+                z_1 += p
         if NEED_T:
-            _, z_t, s1_t, s2_t = _raw_sums(tl.where(valid, t, float("-inf")), dd, q, t_scale, r_t,
-                                           z_t, s1_t, s2_t, 2, False)
+            _, z_t, s1_t, s2_t = _raw_sums(t, v, dd, q, t_scale, r_t, z_t, s1_t, s2_t, 2, False)
         if NEED_U:
-            n = tl.where(valid, n + 1.0, n)
+            n += v
             s1_u += dd
             s2_u += q
         if CE and not SHARE_CE:  # every finite student entry, temperature 1, exact at the reference
-            _, z_1, _, _ = _raw_sums(s, dd, q, LOG2E, ref_1, z_1, z_1, z_1, 0, True)
+            _, z_1, _, _ = _raw_sums(s, 1.0, dd, q, LOG2E, ref_1, z_1, z_1, z_1, 0, True)
     return z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1
 
 

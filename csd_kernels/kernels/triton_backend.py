@@ -642,7 +642,10 @@ def _raw_block(
         if NEED_T:
             _, z_t, s1_t, s2_t = _raw_sums(t, v, dd, q, t_scale, r_t, z_t, s1_t, s2_t, 2, False)
         if NEED_U:
-            n += v
+            if NEED_S or NEED_T:
+                n += v
+            else:  # a predicated FADD: v would cost an FSEL more here (sm_90 SASS)
+                n = tl.where(valid, n + 1.0, n)
             s1_u += dd
             s2_u += q
         if CE and not SHARE_CE:  # every finite student entry, temperature 1, exact at the reference

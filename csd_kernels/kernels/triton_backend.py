@@ -669,8 +669,9 @@ def _fwd_raw_kernel(
 ):
     # The fast forward (see "The raw forward" above): raw sums per entry around a fixed reference and
     # shift, taken from the range's first block with a valid entry. Unsplit, a row whose sums cannot
-    # give the loss to fp32 accuracy is flagged in redo_ptr (and not written) for `_fwd_kernel`; split,
-    # program (row, p) writes raw partials (stats.P_* with S2 in place of M2) for `_merge_kernel` (RAW).
+    # give the loss to fp32 accuracy is not written but flagged in redo_ptr: 1 for a second pass of this
+    # kernel (RETRY, around the shift left in its stats row), 2 for `_fwd_kernel` (REDO). Split, program
+    # (row, p) writes raw partials (stats.P_* with S2 in place of M2) for `_merge_kernel` (RAW).
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     if RETRY:  # active_ptr is redo_ptr: only the rows the first pass flagged with 1

@@ -136,3 +136,51 @@ def test_rows_the_raw_sums_cannot_hold_are_redone(redone, case):
     else:
         _check(student, teacher, weighting="ts")
     assert redone == [1], redone
+
+
+def test_the_flag_rate_model_is_the_kernels_test(monkeypatch):
+    """benchmarks/flag_rate.py models which rows the raw pass sends to a second read: on flat rows and
+    on rows with a dominant teacher peak past the first block, its float64 test flags exactly the rows
+    the kernel flags (1) before its second pass."""
+    from benchmarks.flag_rate import flagged
+    from csd_kernels.contract import LossSpec, parse_weighting
+
+    torch.manual_seed(5)
+    teacher = 2.0 * torch.randn(8, 1500)
+    teacher[4:, 1000:1004] += torch.tensor([20.0, 19.0, 18.0, 21.0]).diag()  # rows 4-7: one peak each
+    student = teacher + torch.randn(8, 1500)
+    flags = []
+    raw = tb._fwd_raw_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs.get("RETRY"):
+                    flags.append(args[3].clone())  # the first pass's flags, before the second pass
+                return raw[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tb, "_fwd_raw_kernel", Recorder())
+    monkeypatch.setattr(tb, "split_count", lambda *args: 1)
+    csd_loss(student.to(DEVICE), teacher.to(DEVICE), weighting="tt", backend="triton")
+    first_block = tb.forward_config(1500, student.element_size(), tb.RAW_WARPS)[0]
+    model = flagged(student.double(), teacher.double(), LossSpec(*parse_weighting("tt"), 1.0, 1.0), first_block,
+                    tb.MAX_CANCELLATION)
+    assert model.tolist() == [False] * 4 + [True] * 4, model
+    assert (flags[0].cpu() == 1).tolist() == model.tolist(), flags
+
+
+def test_the_flag_rate_model_writes_its_csv(tmp_path):
+    """`python -m benchmarks.flag_rate` on small rows: a CSV with every setting, no flat row flagged, and
+    more rows flagged on the most confident teacher than on the flat one."""
+    import csv
+
+    from benchmarks import flag_rate
+
+    flag_rate.run(str(tmp_path), rows=12, vocab=1000, batch=5)
+    rows = list(csv.DictReader(open(tmp_path / "flag_rate.csv")))
+    assert len(rows) == len(flag_rate.PEAKS) * len(flag_rate.NOISES) * len(flag_rate.WEIGHTINGS)
+    assert list(rows[0]) == flag_rate.FIELDS
+    by = {(float(r["peak"]), float(r["noise"]), r["weighting"]): float(r["flagged"]) for r in rows}
+    assert all(by[(0.0, noise, w)] == 0.0 for noise in flag_rate.NOISES for w in flag_rate.WEIGHTINGS), by
+    assert by[(20.0, 1.0, "tt")] > 0.3, by

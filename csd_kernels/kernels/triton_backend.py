@@ -43,12 +43,11 @@ judged after `_merge_kernel` merges their raw partials, and any row it flags goe
 forward and merge.
 
 Which rows fail the bound depends on the data: c is d at the first block's mode, and a peaked w1 puts
-E_w1 at its mode's d, wherever that lies. A model of the decision (the kernel's formula in float64 torch,
-N = 1000, V = 32000, teacher ~ N(0, 2^2) plus a peak at a random id, student = teacher + noise; first
-block 512 entries) flags: none for a flat teacher, 0.1 % for a mean top-1 probability of 0.06, 4-6 %
-at 0.45, 16-25 % at 0.73, 40-51 % at 0.91 and 83-91 % at 0.997 ("ts", "st", "tt", "ss"; "us" none, its
-w1 is U). Those rows cost a second read of s and t. The GPU-validation issue should measure the flag
-rate on a real teacher's logits.
+E_w1 at its mode's d, wherever that lies. `benchmarks/flag_rate.py` evaluates this test in float64 on
+synthetic rows (a teacher ~ N(0, 2^2) plus a peak at a random id, student = teacher + noise): none for
+a flat teacher, and up to 50 % at a mean top-1 probability of 0.91 and 90 % at 0.997 ("ts", "st",
+"tt", "ss"; "us" none, its w1 is U; benchmarks/results/flag_rate.csv). Those rows cost a second read
+of s and t. The GPU-validation issue should measure the flag rate on a real teacher's logits.
 
 Softmax exponentials use exp2 with log2(e) / temperature folded into one per-row constant, so each
 element costs one FMA and one exp2 per base distribution.

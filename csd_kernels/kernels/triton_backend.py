@@ -313,6 +313,24 @@ def _two_sum(a, b):
 
 
 @triton.jit
+def _tile_offsets(SUB: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
+                  WORDS: tl.constexpr):
+    # Offsets of a (SUB, LANES, VEC) tile from its block's start (for _load_block).
+    lane = tl.arange(0, LANES)
+    if WORDS:  # as ALIGNED, in 32-bit words of two bf16 entries
+        offs = (tl.arange(0, SUB) * (LANES * VEC // 2))[:, None, None] + (lane * (VEC // 2))[None, :, None] \
+            + tl.arange(0, VEC // 2)[None, None, :]
+    elif ALIGNED:  # lane j's VEC entries are contiguous: one 128-bit load each
+        offs = (tl.arange(0, SUB) * (LANES * VEC))[:, None, None] + (lane * VEC)[None, :, None] \
+            + tl.arange(0, VEC)[None, None, :]
+    else:  # rows not 16-byte aligned (V = 50257) load entry by entry: keep lanes adjacent, so that the
+        # compiler still gives each thread one lane (its loads coalesce across the warp)
+        offs = (tl.arange(0, SUB) * (LANES * VEC))[:, None, None] + lane[None, :, None] \
+            + (tl.arange(0, VEC) * LANES)[None, None, :]
+    return offs
+
+
+@triton.jit
 def _first_shift(s, t, valid, count, LEAD: tl.constexpr):
     # The first shift c of a row (stats.py): d at the mode of w1's lead base (S: the largest s, T: the
     # largest t; the largest such d on a tie), or for U the mean of the valid d. Near E_w1, so the first
@@ -463,16 +481,7 @@ def _fwd_kernel(
     start = part * cols_per_program
     stop = tl.minimum(start + cols_per_program, V)
     lane = tl.arange(0, LANES)
-    if WORDS:  # as ALIGNED, in 32-bit words of two bf16 entries
-        offs = (tl.arange(0, SUB) * (LANES * VEC // 2))[:, None, None] + (lane * (VEC // 2))[None, :, None] \
-            + tl.arange(0, VEC // 2)[None, None, :]
-    elif ALIGNED:  # lane j's VEC entries are contiguous: one 128-bit load each
-        offs = (tl.arange(0, SUB) * (LANES * VEC))[:, None, None] + (lane * VEC)[None, :, None] \
-            + tl.arange(0, VEC)[None, None, :]
-    else:  # rows not 16-byte aligned (V = 50257) load entry by entry: keep lanes adjacent, so that the
-        # compiler still gives each thread one lane (its loads coalesce across the warp)
-        offs = (tl.arange(0, SUB) * (LANES * VEC))[:, None, None] + lane[None, :, None] \
-            + (tl.arange(0, VEC) * LANES)[None, None, :]
+    offs = _tile_offsets(SUB, LANES, VEC, ALIGNED, WORDS)
 
     # per-lane fp32 zeros, in the layout of the tile's lane reductions
     zero = tl.sum(tl.sum(tl.zeros([SUB, LANES, VEC], tl.float32), axis=2), axis=0)
@@ -601,25 +610,6 @@ def _raw_keep(
 
 
 @triton.jit
-def _raw_finish(
-    row, N, V, s_row, labels_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr, keep,
-    shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
-    s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
-    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
-    CE: tl.constexpr, COMPONENTS: tl.constexpr,
-):
-    # Finalise a kept row (flag 0), or flag it for the exact pass (2; and write nothing else).
-    tl.store(redo_ptr + row, 2 - 2 * keep.to(tl.int8))
-    if keep:
-        _finalize(
-            row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
-            shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
-            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
-            NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,
-        )
-
-
-@triton.jit
 def _raw_block(
     s_row, t_row, base, inner, V, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
     z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
@@ -685,19 +675,9 @@ def _fwd_raw_kernel(
     t_row = _row_base(t_ptr, row, L1, t_so, t_si)
     start = part * cols_per_program
     stop = tl.minimum(start + cols_per_program, V)
-    lane = tl.arange(0, LANES)
     ENTRIES: tl.constexpr = LANES * VEC  # one sub-tile: lane j owns VEC entries (as in _fwd_kernel)
-    if WORDS:
-        unit: tl.constexpr = VEC // 2
-        step: tl.constexpr = ENTRIES // 2
-    else:
-        unit: tl.constexpr = VEC
-        step: tl.constexpr = ENTRIES
-    if ALIGNED:
-        inner = (lane * unit)[None, :, None] + tl.arange(0, unit)[None, None, :]
-    else:
-        inner = lane[None, :, None] + (tl.arange(0, VEC) * LANES)[None, None, :]
-    offs_block = (tl.arange(0, SUB) * step)[:, None, None] + inner  # the whole block: the first one
+    inner = _tile_offsets(1, LANES, VEC, ALIGNED, WORDS)  # a sub-tile, loaded one after the other
+    offs_block = _tile_offsets(SUB, LANES, VEC, ALIGNED, WORDS)  # the whole block: the first one
     # The first block with a valid entry: the shift c (stats.py) and each softmax's reference, its
     # maximum there (the row's maximum can only be higher: no weight underflows that matters).
     first = 0
@@ -784,12 +764,15 @@ def _fwd_raw_kernel(
         if retry:  # flag 1: the second raw pass, around the shift it leaves in the stats row
             tl.store(redo_ptr + row, 1)
             tl.store(stats_ptr + row * STATS + 6, c + e1)
-        else:  # kept (flag 0) or for the exact pass (flag 2)
-            _raw_finish(
-                row, N, V, s_row, labels_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr, keep,
-                c, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
-                s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
-                NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS)
+        else:  # kept (flag 0, finalised) or for the exact pass (flag 2, nothing else written)
+            tl.store(redo_ptr + row, 2 - 2 * keep.to(tl.int8))
+            if keep:
+                _finalize(
+                    row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
+                    c, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
+                    s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
+                    NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,
+                )
 
 
 @triton.jit
@@ -799,7 +782,7 @@ def _column(parts, k, lanes, other):
 
 @triton.jit
 def _raw_bound(m_p, z_p, s2_p, scale):
-    # A softmax's S2 / Z over P raw partials, each around its own reference (the bound of _raw_finish).
+    # A softmax's S2 / Z over P raw partials, each around its own reference (the bound of _raw_keep).
     m = tl.max(m_p, axis=0)
     a = tl.exp2((m_p - tl.where(m == float("-inf"), 0.0, m)) * scale)
     return tl.sum(a * s2_p, axis=0) / tl.sum(a * z_p, axis=0)
@@ -845,19 +828,15 @@ def _merge_kernel(
     shift, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _merge_parts(
         c_p, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n_p, mu_u, m2_u, m_1, z_1, index,
         s_scale, t_scale, a1_s, a1_t, a1_u, NEED_S, NEED_T, NEED_U, CE)
-    s_row = _row_base(s_ptr, row, L1, s_so, s_si)
-    if RAW:
+    keep = True
+    if RAW:  # a row kept (flag 0) is finalised; one flagged 2 goes to the exact partials and merge
         keep, _, _ = _raw_keep(
             shift, n, m_s, z_s, mu_s, m2_s, b_s, m_t, z_t, mu_t, m2_t, b_t, mu_u, m2_u, b_u, z_1,
             s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, max_cancellation, NEED_S, NEED_T, NEED_U, CE)
-        _raw_finish(
-            row, N, V, s_row, labels_ptr, redo_ptr, loss_ptr, comp_ptr, stats_ptr, keep,
-            shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
-            s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
-            NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS)
-    else:
+        tl.store(redo_ptr + row, 2 - 2 * keep.to(tl.int8))
+    if keep:
         _finalize(
-            row, N, V, s_row, labels_ptr, loss_ptr, comp_ptr, stats_ptr,
+            row, N, V, _row_base(s_ptr, row, L1, s_so, s_si), labels_ptr, loss_ptr, comp_ptr, stats_ptr,
             shift, n, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, mu_u, m2_u, m_1, z_1,
             s_scale, a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
             NEED_S, NEED_T, NEED_U, LOSS, CE, COMPONENTS,

@@ -28,8 +28,9 @@ The raw forward. The exact forward above folds every 16-entry tile into each lan
 base, which makes a two-softmax forward issue-bound below the H200's bandwidth. The raw pass fixes, from
 the range's first block with a valid entry, the shift c (as above) and for each softmax a reference r,
 the block's largest logit, and keeps per-entry sums p, p (d - c) and p (d - c)^2 with
-p = 2^((x - r) / tau'), one FADD or FFMA each (5 instructions per entry per base with its exponential;
-d^2 once for all bases); threads and entries are summed after the row, one warp a row. Then
+p = 2^((x - r) / tau'), one FADD or FFMA each, predicated on the entry's validity so that neither the
+logits nor d need a mask (5 instructions per entry per base with its exponential; d and d^2 once for
+all bases); threads and entries are summed after the row, one warp a row. Then
 E_B = S1 / Z and M2_B = S2 - S1^2 / Z, which cancels where E_B lies far from c compared with the spread:
 the rounding of the loss is about 2^-24 times bound = sum_B (a1_B + a2_B) S2_B / Z_B, against 4 * loss
 (for the KL divergences CSD's "st" loss, Var_S + Var_T + (E_S - E_T)^2, the spread the exact pass's
@@ -547,21 +548,20 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _raw_sums(x, v, dd, q, scale, ref, z, s1, s2, MOMENTS: tl.constexpr, EXACT: tl.constexpr):
+def _raw_sums(x, valid, d, q, scale, ref, z, s1, s2, MOMENTS: tl.constexpr, EXACT: tl.constexpr):
     # One tile into the per-entry raw sums of a softmax around the row's fixed reference: x the logits,
-    # p = 2^(x scale - ref), weighted by v (1 on the row's entries, 0 elsewhere) in Z, while dd and q
-    # are 0 outside the row: one FFMA per sum and entry, and no mask of x per base. (An exponential that
-    # overflows outside the row still gives NaN here, and the row is redone.) EXACT forms
+    # p = 2^(x scale - ref), d = s - t - c and q = d^2. Only the row's entries (valid) add: each sum is
+    # one predicated FADD or FFMA per entry (sm_90 SASS), with no mask of x, d or q. EXACT forms
     # (x - ref) * scale (ref in raw units): exactly 1 at the reference. Returns p too.
     if EXACT:
         p = tl.exp2((x - ref) * scale)
     else:
         p = tl.exp2(tl.fma(x, scale, -ref))
-    z = tl.fma(p, v, z)
+    z = tl.where(valid, z + p, z)
     if MOMENTS >= 1:
-        s1 = tl.fma(p, dd, s1)
+        s1 = tl.where(valid, tl.fma(p, d, s1), s1)
     if MOMENTS >= 2:
-        s2 = tl.fma(p, q, s2)
+        s2 = tl.where(valid, tl.fma(p, q, s2), s2)
     return p, z, s1, s2
 
 
@@ -619,26 +619,22 @@ def _raw_block(
     # One block, SUB sub-tiles one after the other, into the per-entry sums (one chain each).
     for i in tl.static_range(SUB):
         s, t, valid = _load_block(s_row, t_row, base + i * ENTRIES, inner, V, MASKED, NATIVE, WORDS)
-        v = tl.where(valid, 1.0, 0.0)
-        dd = tl.where(valid, s - t - c, 0.0)
-        q = dd * dd  # d^2 once, for every base
+        d = s - t - c  # unmasked: every sum below adds only the row's entries
+        q = d * d  # d^2 once, for every base
         if NEED_S:
             # temperature 1 (SHARE_CE): the cross-entropy's exponentials are S's, over every finite s
-            p, z_s, s1_s, s2_s = _raw_sums(s, v, dd, q, s_scale, ref_s if SHARE_CE else r_s, z_s, s1_s, s2_s, 2,
+            p, z_s, s1_s, s2_s = _raw_sums(s, valid, d, q, s_scale, ref_s if SHARE_CE else r_s, z_s, s1_s, s2_s, 2,
                                            SHARE_CE)
             if SHARE_CE:
                 z_1 += p
         if NEED_T:
-            _, z_t, s1_t, s2_t = _raw_sums(t, v, dd, q, t_scale, r_t, z_t, s1_t, s2_t, 2, False)
+            _, z_t, s1_t, s2_t = _raw_sums(t, valid, d, q, t_scale, r_t, z_t, s1_t, s2_t, 2, False)
         if NEED_U:
-            if NEED_S or NEED_T:
-                n += v
-            else:  # a predicated FADD: v would cost an FSEL more here (sm_90 SASS)
-                n = tl.where(valid, n + 1.0, n)
-            s1_u += dd
-            s2_u += q
+            n = tl.where(valid, n + 1.0, n)
+            s1_u = tl.where(valid, s1_u + d, s1_u)
+            s2_u = tl.where(valid, s2_u + q, s2_u)
         if CE and not SHARE_CE:  # every finite student entry, temperature 1, exact at the reference
-            _, z_1, _, _ = _raw_sums(s, 1.0, dd, q, LOG2E, ref_1, z_1, z_1, z_1, 0, True)
+            _, z_1, _, _ = _raw_sums(s, True, d, q, LOG2E, ref_1, z_1, z_1, z_1, 0, True)
     return z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1
 
 

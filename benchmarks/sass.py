@@ -24,7 +24,10 @@ top-k student pass (`loss` topk, K = 64 ids a row) reads s alone forward, s and 
 the exponentials) without the blocks that a forward branch inside it jumps over, times num_warps /
 BLOCK, plus every other instruction of the kernel amortised over the row's columns (the search for the
 first shift, the masked last block, the merge of the lanes, finalisation: a conservative count, since
-it includes the excluded-row path and counts the loop body over the blocks those take too). A kernel measured on an H200 reached about
+it includes the excluded-row path and counts the loop body over the blocks those take too). Only code a
+converged warp can reach counts: not the fallbacks ptxas adds after EXIT for warp shuffles it cannot
+prove convergent, entered through BRA.DIV only when a warp has diverged, which these kernels' per-program
+branches never cause (`converged`). A kernel measured on an H200 reached about
 70 % of such a bound, so a kernel needs an issue bound of about 1.4x the copy bandwidth to run at the copy
 bandwidth. **These numbers are a static model, not a measurement**; the GPU-validation issue calibrates
 them against measured bandwidth on the same variants.
@@ -231,21 +234,49 @@ def parse_sass(text):
     return instructions, labels
 
 
+_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+
+
+def converged(instructions, labels):
+    """The instructions a converged warp can reach from the kernel's entry, in order: every path of the
+    branches (BRA, predicated or not) except BRA.DIV's. ptxas places a fallback after the kernel's
+    EXIT for each warp shuffle it cannot prove convergent; BRA.DIV jumps there only when some of the
+    warp's threads have left the path. These kernels branch on per-program values only (a row, its
+    blocks, its flags), so a warp never diverges before a shuffle and never issues those fallbacks."""
+    index = {address: i for i, (address, _) in enumerate(instructions)}
+    seen, stack = set(), [0]
+    while stack:
+        i = stack.pop()
+        while i < len(instructions) and i not in seen:
+            seen.add(i)
+            text = instructions[i][1]
+            guarded = text.startswith("@") and not text.startswith("@PT ")
+            op, _, operands = (text.split(None, 1)[1] if text.startswith("@") else text).partition(" ")
+            if op.startswith("BRA") and op != "BRA.DIV":
+                stack.append(index[labels[_TARGET.search(operands).group(1)]])
+                # `BRA P2, target`: a second predicate makes it conditional too
+                if not guarded and not re.match(r"!?U?P[0-9]", operands.strip()):
+                    break
+            elif op in ("EXIT", "RET", "BPT.TRAP") and not guarded:
+                break
+            i += 1
+    return [instructions[i] for i in sorted(seen)]
+
+
 def hot_path(instructions, labels, marker=None):
     """(loop body on its hot path, everything else): the innermost backward branch's range, without
     the ranges that forward branches inside it jump over. `marker`: only loops containing an instruction
     with that opcode count most (the top-k forward: DADD, its fp64 sum pass rather than the exact pass or the loops over the ids); the
-    other loops' bodies are then left out of "everything else" (paths for rare rows)."""
+    other loops' bodies are then left out of "everything else" (paths for rare rows). Only the code a
+    converged warp can reach counts (`converged`)."""
+    instructions = converged(instructions, labels)
     body = []
     loops = []
-    first_exit = next((a for a, t in instructions if t == "EXIT"), None)  # unpredicated: the code ends
     for address, text in instructions:
         branch = _BRANCH.search(text)
-        # A backward branch closes a loop, except an unconditional one in the cold code after the first
-        # EXIT: the `BRA self` trap, and the jumps back from the fallbacks ptxas adds for warp shuffles
-        # in divergent code (BRA.DIV), whose range would otherwise swallow the real loop.
-        cold = first_exit is not None and address > first_exit and not text.startswith("@")
-        if branch and labels.get(branch.group(1), address) < address and not cold:
+        # A backward branch closes a loop. (The unconditional jumps back from the divergence fallbacks,
+        # whose range would swallow the real loop, and the `BRA self` trap are not converged code.)
+        if branch and labels.get(branch.group(1), address) < address:
             loops.append((labels[branch.group(1)], address))
     others = []
     pick = lambda r: r[1] - r[0]  # noqa: E731 (the innermost loop)

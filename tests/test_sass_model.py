@@ -142,4 +142,36 @@ def test_hot_path_ignores_the_jumps_back_from_cold_fallbacks():
     instructions, labels = sass.parse_sass(_WARP_FALLBACK_SASS)
     body, rest = sass.hot_path(instructions, labels, marker="MUFU.EX2")
     assert [x.split()[0] for x in body] == ["LDG.E.128", "MUFU.EX2", "BRA.DIV", "SHFL.BFLY", "FADD", "@P0"], body
-    assert "MUFU.EX2 R8, R7" in rest and "BRA `(.L_x_2)" in rest
+    # after the loop: the EXIT path counts; the fallback (reached only through BRA.DIV) and the trap do not
+    assert rest == ["MOV R1, c[0x0][0x28]", "MUFU.EX2 R8, R7", "EXIT"], rest
+
+
+_BRANCHES_SASS = """
+        /*0000*/                   ISETP.NE.AND P0, PT, R0, RZ, PT ;
+        /*0010*/              @!P0 BRA `(.L_x_1) ;
+        /*0020*/                   FADD R1, R1, R1 ;
+.L_x_1:
+        /*0030*/                   FMUL R2, R2, R2 ;
+        /*0040*/              @!P0 BRA P2, `(.L_x_1) ;
+        /*0050*/                   BRA `(.L_x_2) ;
+        /*0060*/                   FFMA R3, R3, R3, R3 ;
+.L_x_2:
+        /*0070*/               @P1 EXIT ;
+        /*0080*/                   BRA.DIV UR4, `(.L_x_3) ;
+        /*0090*/                   SHFL.BFLY PT, R6, R5, 0x1, 0x1f ;
+        /*00a0*/                   EXIT ;
+.L_x_3:
+        /*00b0*/                   SHFL.BFLY P0, R6, R5, R9, R10 ;
+        /*00c0*/                   EXIT ;
+"""
+
+
+def test_converged_code_follows_every_branch_but_bra_div():
+    """A predicated branch, and a branch on a second predicate (`BRA P2, target`), may fall through; an
+    unconditional one may not (the FFMA after it is dead); a predicated EXIT may fall through; BRA.DIV's
+    fallback is left out. Cutting it (or following it) would change every kernel's rest count."""
+    from benchmarks import sass
+
+    instructions, labels = sass.parse_sass(_BRANCHES_SASS)
+    kept = [address for address, _ in sass.converged(instructions, labels)]
+    assert kept == [0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x70, 0x80, 0x90, 0xa0], [hex(a) for a in kept]

@@ -15,17 +15,24 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Regression floors (H200 model, bf16, V = 32000, TB/s), a little under what the kernels reach at the
+# Regression floors (H200 model, bf16, V = 32000, TB/s), about 2 % under what the kernels reach at the
 # commit that set them (benchmarks/results/sass/sass.csv): a change that costs issue slots fails here.
 FLOORS = {
-    ("forward", "csd", "ss", 0): 7.9, ("forward", "csd", "ts", 0): 6.0, ("forward", "csd", "uu", 0): 10.5,
-    ("forward", "csd", "mix", 0): 5.2, ("forward", "csd", "ss", 1): 6.9, ("forward", "csd", "ts", 1): 5.45,
-    ("forward", "kl-forward", "-", 0): 6.0,
-    ("backward", "csd", "ss", 0): 7.9, ("backward", "csd", "ts", 0): 6.4, ("backward", "csd", "uu", 0): 10.0,
-    ("backward", "csd", "mix", 0): 6.3, ("backward", "csd", "ss", 1): 5.9, ("backward", "csd", "ts", 1): 5.0,
-    ("backward", "kl-forward", "-", 0): 8.3,
+    ("forward", "csd", "ss", 0): 9.3, ("forward-split", "csd", "ss", 0): 8.75, ("backward", "csd", "ss", 0): 8.3,
+    ("forward", "csd", "ss", 1): 8.1, ("forward-split", "csd", "ss", 1): 7.65, ("backward", "csd", "ss", 1): 6.25,
+    ("forward", "csd", "ts", 0): 6.8, ("forward-split", "csd", "ts", 0): 6.45, ("backward", "csd", "ts", 0): 6.8,
+    ("forward", "csd", "ts", 1): 6.15, ("forward-split", "csd", "ts", 1): 5.85, ("backward", "csd", "ts", 1): 5.25,
+    ("forward", "csd", "us", 0): 7.6, ("forward-split", "csd", "us", 0): 7.2, ("backward", "csd", "us", 0): 8.15,
+    ("forward", "csd", "uu", 0): 11.85, ("forward-split", "csd", "uu", 0): 11.15,
+    ("backward", "csd", "uu", 0): 10.6,
+    ("forward", "csd", "mix", 0): 5.8, ("forward-split", "csd", "mix", 0): 5.45,
+    ("backward", "csd", "mix", 0): 6.65,
+    ("forward", "csd", "mix", 1): 5.2, ("forward-split", "csd", "mix", 1): 5.05,
+    ("backward", "csd", "mix", 1): 5.2,
+    ("forward", "kl-forward", "-", 0): 6.8, ("forward-split", "kl-forward", "-", 0): 6.45,
+    ("backward", "kl-forward", "-", 0): 8.8,
     # the top-k student pass: 2 B per element forward, 4 B backward (no target set; the copy bandwidth is 4.3)
-    ("forward", "topk", "-", 0): 5.3, ("backward", "topk", "-", 0): 7.5,
+    ("forward", "topk", "-", 0): 5.75, ("backward", "topk", "-", 0): 8.2,
 }
 
 
@@ -76,8 +83,6 @@ def test_issue_bound_does_not_regress(model_rows):
     assert not low, low
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the three-base mixture's raw forward (5.36 TB/s, target 5.5; "
-                                        "'us' 6.78 of 7.0) misses its target")
 def test_issue_bound_meets_the_targets(model_rows):
     low = [f"{_key(r)}: {r['issue_bound_tbps']} < {r['target_tbps']}" for r in model_rows
            if r["vocab"] == "32000" and r["target_tbps"] and float(r["issue_bound_tbps"]) < float(r["target_tbps"])]

@@ -156,7 +156,8 @@ def record_launches(loss, weighting, ce, dtype_name, vocab, rows=8192, split_row
     dtype = getattr(torch, dtype_name)
     spec = _spec(loss, weighting, ce)
     out = []
-    names = ("_fwd_raw_kernel", "_fwd_kernel", "_merge_kernel", "_bwd_kernel")
+    # (an older checkout has no raw forward: the model then reads its kernels as they were)
+    names = tuple(n for n in ("_fwd_raw_kernel", "_fwd_kernel", "_merge_kernel", "_bwd_kernel") if hasattr(tb, n))
     originals = {name: getattr(tb, name) for name in names + ("_num_sms",)}
     try:
         tb._num_sms = lambda device: sms
@@ -334,8 +335,11 @@ def blocks_per_sm(registers, num_warps, shared, arch):
 
 def analyse(meta):
     """Compile one launch (its launcher re-run on meta tensors) and read its SASS: one CSV row (a dict)."""
-    kind, fn, grid, args, kwargs = next(launch for launch in record_launches(
-        meta["loss"], meta["weighting"], meta["ce"], meta["dtype"], meta["vocab"]) if launch[0] == meta["kind"])
+    launch = next((launch for launch in record_launches(
+        meta["loss"], meta["weighting"], meta["ce"], meta["dtype"], meta["vocab"]) if launch[0] == meta["kind"]), None)
+    if launch is None:  # a launcher without this role (an older checkout: no exact redo pass)
+        return None
+    kind, fn, grid, args, kwargs = launch
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -435,7 +439,7 @@ def run(out_dir, arch="sm_90", gpu="H200", workers=None, quick=False):
     os.makedirs(out_dir, exist_ok=True)
     work = jobs(arch, gpu, quick=quick)
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        rows = list(pool.map(analyse, work, chunksize=4))
+        rows = [row for row in pool.map(analyse, work, chunksize=4) if row is not None]
     stamp = dict(triton=triton.__version__, commit=_commit())
     for row in rows:
         row.update(stamp)

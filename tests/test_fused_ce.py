@@ -92,6 +92,23 @@ def test_fused_parity_aligned_rows(monkeypatch, backend, row_split, weighting, d
         assert seen and all(seen), f"the aligned layout was not taken: {seen}"
 
 
+@pytest.mark.parametrize("weighting", ["ss", "ts", "us", MIX], ids=["ss", "ts", "us", "mix"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_ce_counts_the_blocks_before_the_first_valid_entry(backend, row_split, weighting, dtype):
+    """The CE takes every finite student entry, also in the blocks before a row's first entry of CSD's
+    vocabulary: a teacher -inf prefix longer than a block (128 here), a teacher all -inf, one valid
+    entry at the end. The forwards' search for that first block once left those blocks out of the CE."""
+    student, teacher = make_logits(lead=(5,), dtype=dtype)
+    teacher[0, :250] = float("-inf")
+    teacher[1] = float("-inf")
+    teacher[2, :-1] = float("-inf")
+    teacher[3, :140] = float("-inf")
+    student[3, :20] = float("-inf")
+    labels = make_labels((5,), ignored=0)
+    labels[3] = 30
+    check_fused(student, teacher, backend, weighting=weighting, labels=labels, ce_weight=0.6, csd_weight=0.8)
+
+
 def test_target_class_gradient_accurate_in_bf16(backend):
     """p - 1 at the label is formed in fp32: the bf16 gradient there is the rounded fp32 value."""
     student, teacher = make_logits(lead=(4,), dtype=torch.bfloat16)

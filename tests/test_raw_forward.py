@@ -184,3 +184,53 @@ def test_the_flag_rate_model_writes_its_csv(tmp_path):
     by = {(float(r["peak"]), float(r["noise"]), r["weighting"]): float(r["flagged"]) for r in rows}
     assert all(by[(0.0, noise, w)] == 0.0 for noise in flag_rate.NOISES for w in flag_rate.WEIGHTINGS), by
     assert by[(20.0, 1.0, "tt")] > 0.3, by
+
+
+def _spy_on_peel(monkeypatch):
+    """The raw forward's PEEL decisions, one per launch."""
+    seen = []
+    raw = tb._fwd_raw_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["PEEL"])
+                return raw[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tb, "_fwd_raw_kernel", Recorder())
+    return seen
+
+
+@pytest.mark.parametrize("weighting", ["ts", "us", MIX], ids=["ts", "us", "mix"])
+@pytest.mark.parametrize("layout, peel", [("rows", True), ("wider-rows", True), ("offset", False),
+                                          ("unlike-strides", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_not_16_byte_aligned(redone, monkeypatch, weighting, layout, peel, dtype):
+    """Rows that do not start 16-byte aligned (V = 1201, odd as GPT-2's 50257) are tiled from the aligned
+    address before them (PEEL: 128-bit loads inside the range, its first and last blocks masked) when s
+    and t lie equally far past one; a pointer that is not 16-byte aligned, or s and t at different
+    offsets from one, keep the entry-wise layout. -inf at both ends of rows and a prefix longer than a
+    block (512 entries in bf16, 256 in fp32)."""
+    seen = _spy_on_peel(monkeypatch)
+    torch.manual_seed(3)
+    vocab = 1201
+    wide_s = (2.0 * torch.randn(5, vocab + 9)).to(DEVICE, dtype)
+    wide_t = (wide_s.float() + torch.randn(5, vocab + 9, device=DEVICE)).to(dtype)
+    student, teacher = {
+        "rows": (wide_s[:, :vocab].contiguous(), wide_t[:, :vocab].contiguous()),
+        "wider-rows": (wide_s[:, :vocab], wide_t[:, :vocab]),
+        "offset": (wide_s[:, 1:vocab + 1], wide_t[:, 1:vocab + 1]),
+        "unlike-strides": (wide_s[:, :vocab].contiguous(), wide_t[:, :vocab]),
+    }[layout]
+    student[0, 0] = -math.inf
+    teacher[1, :3] = -math.inf
+    teacher[2, vocab - 2:] = -math.inf
+    student[3, :700] = -math.inf
+    # the forward alone: loss_and_grad's copy of the student would change its layout
+    loss = csd_loss(student, teacher, backend="triton", reduction="none", weighting=weighting)
+    expected = reference.csd_loss(student.double(), teacher.double(), reduction="none", weighting=weighting)
+    assert_close(loss, expected, dtype=torch.float32, name="loss")
+    assert seen and all(p == peel for p in seen), seen
+    # unsplit no row is redone; split, the row whose first program's range holds no entry (row 3) is
+    assert redone == [0 if len(seen) == 2 else 1], redone

@@ -70,12 +70,13 @@ def compile_all():
                 (k._merge_kernel, dict(flags, COMPONENTS=bool(ce), BLOCK_P=8, RAW=False, REDO=True), 1),
                 (k._bwd_kernel, dict(flags, SHARDED=bool(ce), BLOCK=4096, NATIVE=True), 8),
             ]
-            # the raw forward, unsplit and split (the exact passes over the rows it flags are above)
+            # the raw forward, unsplit and split (the exact passes over the rows it flags are above), and
+            # unsplit over rows that are not 16-byte aligned (PEEL)
             block, raw_warps, sub, lanes, vec = k.forward_config(32000, 2 if dtype == "*bf16" else 4, k.RAW_WARPS)
             raw_tile = dict(tile, BLOCK=block, SUB=sub, LANES=lanes, VEC=vec)
-            for split in (False, True):
+            for split, peel in ((False, False), (True, False), (False, True)):
                 variants.append((k._fwd_raw_kernel, dict(flags, **raw_tile, COMPONENTS=bool(ce), SPLIT=split,
-                                                         RETRY=False, SHARE_CE=bool(ce) and need[0] == 1),
+                                                         RETRY=False, PEEL=peel, SHARE_CE=bool(ce) and need[0] == 1),
                                  raw_warps))
             for kernel, constexprs, warps in variants:
                 signature = _signature(kernel, dtype, constexprs)
@@ -99,7 +100,7 @@ def test_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "compiled 98 kernel variants" in result.stdout
+    assert "compiled 112 kernel variants" in result.stdout
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ around c' (flag 1; `_fwd_raw_kernel` with RETRY). A row whose sums are not finit
 the first block's maximum that an exponential overflows, or a NaN, which the exact pass propagates) or
 that has no valid entry goes to the exact forward (flag 2; `_fwd_kernel` with REDO). Split rows are
 judged after `_merge_kernel` merges their raw partials, and any row it flags goes to the exact split
-forward and merge.
+forward and merge. Rows that do not start 16-byte aligned (an odd V such as GPT-2's 50257) are tiled
+from the aligned address before each row (PEEL, where s and t lie equally far past one): the blocks
+inside the range load in 128 bits, the first and last are masked entry by entry to the range.
 
 Which rows fail the bound depends on the data: c is d at the first block's mode, and a peaked w1 puts
 E_w1 at its mode's d, wherever that lies. `benchmarks/flag_rate.py` evaluates this test in float64 on
@@ -99,21 +101,35 @@ def _quotient(x, y, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _row_base(ptr, row, L1, stride_outer, stride_inner):
+def _row_offset(row, L1, stride_outer, stride_inner):
     # Leading dims are collapsed to (N // L1, L1) so that slices like logits[:, :-1] need no copy.
-    return ptr + (row // L1) * stride_outer + (row % L1) * stride_inner
+    return (row // L1) * stride_outer + (row % L1) * stride_inner
+
+
+@triton.jit
+def _row_base(ptr, row, L1, stride_outer, stride_inner):
+    return ptr + _row_offset(row, L1, stride_outer, stride_inner)
 
 
 @triton.jit
 def _load_block(s_row, t_row, base, offs, stop, MASKED: tl.constexpr, NATIVE: tl.constexpr = False,
-                WORDS: tl.constexpr = False):
+                WORDS: tl.constexpr = False, lo=0, EDGES: tl.constexpr = False):
     # Entries base + offs of both rows. Upcast right after the load: fp32 arithmetic everywhere (bf16
     # arithmetic is also wrong under the interpreter). Out-of-range lanes read -inf, i.e. they look like
     # masked vocabulary. Full blocks (MASKED False) need no range test.
     # An entry lies in the row unless s or t is -inf (a NaN is kept, so that it propagates): one test of
     # their minimum, which is exact in any dtype. NATIVE takes it in the logits' own dtype (two bf16
-    # entries per instruction on a GPU); the interpreter cannot take a bf16 minimum.
-    if WORDS:
+    # entries per instruction on a GPU); the interpreter cannot take a bf16 minimum. EDGES (a masked
+    # block of a peeled row, see _fwd_raw_kernel): the range is [lo, stop), which need not fall on words,
+    # so such a block loads entry by entry (a word across an edge would read outside the row).
+    if WORDS and MASKED and EDGES:  # the word layout's entries, as entries
+        shape: tl.constexpr = [offs.shape[0], offs.shape[1], 2 * offs.shape[2]]
+        cols = base + tl.join(2 * offs, 2 * offs + 1).reshape(shape)
+        in_range = (cols >= lo) & (cols < stop)
+        s = tl.load(s_row + cols, mask=in_range, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_row + cols, mask=in_range, other=float("-inf")).to(tl.float32)
+        valid = tl.minimum(s, t) != float("-inf")
+    elif WORDS:
         # bf16 rows as 32-bit words (offs: word offsets of a (SUB, LANES, VEC // 2) tile), each word
         # unpacked into its two entries with one shift or one AND (Triton's bf16 -> fp32 conversion
         # costs two instructions for the high half); -8323200 is the word 0xFF80FF80, two bf16 -infs.
@@ -136,6 +152,8 @@ def _load_block(s_row, t_row, base, offs, stop, MASKED: tl.constexpr, NATIVE: tl
         cols = base + offs
         if MASKED:
             in_range = cols < stop
+            if EDGES:
+                in_range = in_range & (cols >= lo)
             s = tl.load(s_row + cols, mask=in_range, other=float("-inf"))
             t = tl.load(t_row + cols, mask=in_range, other=float("-inf"))
         else:
@@ -502,9 +520,11 @@ def _fwd_kernel(
         count = tl.sum(tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=0), axis=0)
         c = zero + _first_shift(s, t, valid, count, LEAD)
         first += 1
-    # Whole blocks without a range mask, then the partial last block with one.
+    # Whole blocks without a range mask, then the partial last block with one. The cross-entropy
+    # takes every finite s, also in the blocks before the first valid entry (a teacher's -inf prefix):
+    # with CE those are read again (for the loss they hold nothing).
     full = (stop - start) // BLOCK
-    for j in range(tl.maximum(first - 1, 0), full):
+    for j in range(0 if CE else tl.maximum(first - 1, 0), full):
         s, t, valid = _load_block(s_row, t_row, start + j * BLOCK, offs, stop, False, NATIVE, WORDS)
         c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1 = _fold_block(
             s, t, valid, c, m_s, z_s, mu_s, m2_s, m_t, z_t, mu_t, m2_t, n, mu_u, m2_u, m_1, z_1,
@@ -611,14 +631,15 @@ def _raw_keep(
 
 @triton.jit
 def _raw_block(
-    s_row, t_row, base, inner, V, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
+    s_row, t_row, base, inner, lo, V, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
     z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
     MASKED: tl.constexpr, NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, CE: tl.constexpr,
     SHARE_CE: tl.constexpr, SUB: tl.constexpr, ENTRIES: tl.constexpr, NATIVE: tl.constexpr, WORDS: tl.constexpr,
+    EDGES: tl.constexpr,
 ):
     # One block, SUB sub-tiles one after the other, into the per-entry sums (one chain each).
     for i in tl.static_range(SUB):
-        s, t, valid = _load_block(s_row, t_row, base + i * ENTRIES, inner, V, MASKED, NATIVE, WORDS)
+        s, t, valid = _load_block(s_row, t_row, base + i * ENTRIES, inner, V, MASKED, NATIVE, WORDS, lo, EDGES)
         d = s - t - c  # unmasked: every sum below adds only the row's entries
         q = d * d  # d^2 once, for every base
         if NEED_S:
@@ -650,13 +671,16 @@ def _fwd_raw_kernel(
     CE: tl.constexpr, COMPONENTS: tl.constexpr, BLOCK: tl.constexpr,
     LEAD: tl.constexpr, SUB: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, NATIVE: tl.constexpr,
     ALIGNED: tl.constexpr, WORDS: tl.constexpr, SHARE_CE: tl.constexpr, SPLIT: tl.constexpr,
-    RETRY: tl.constexpr = False,
+    RETRY: tl.constexpr = False, PEEL: tl.constexpr = False,
 ):
     # The fast forward (see "The raw forward" above): raw sums per entry around a fixed reference and
     # shift, taken from the range's first block with a valid entry. Unsplit, a row whose sums cannot
     # give the loss to fp32 accuracy is not written but flagged in redo_ptr: 1 for a second pass of this
     # kernel (RETRY, around the shift left in its stats row), 2 for `_fwd_kernel` (REDO). Split, program
     # (row, p) writes raw partials (stats.P_* with S2 in place of M2) for `_merge_kernel` (RAW).
+    # PEEL: rows that do not start 16-byte aligned (V = 50257) are tiled from the aligned address before
+    # them, `mis` entries early (the same for s and t, `_peelable`): the blocks inside the range load in
+    # 128 bits; the first and the last are masked to the range [lo, hi) of the tiles' columns.
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     if RETRY:  # active_ptr is redo_ptr: only the rows the first pass flagged with 1
@@ -667,10 +691,21 @@ def _fwd_raw_kernel(
             tl.store(redo_ptr + row, 0)
             _store_excluded_row(row, N, loss_ptr, comp_ptr, COMPONENTS)
         return
-    s_row = _row_base(s_ptr, row, L1, s_so, s_si)
-    t_row = _row_base(t_ptr, row, L1, t_so, t_si)
+    s_off = _row_offset(row, L1, s_so, s_si)
+    t_off = _row_offset(row, L1, t_so, t_si)
+    s_row = s_ptr + s_off
     start = part * cols_per_program
     stop = tl.minimum(start + cols_per_program, V)
+    if PEEL:
+        mis = s_off % VEC
+        s_tile = s_ptr + tl.multiple_of(s_off - mis, VEC)
+        t_tile = t_ptr + tl.multiple_of(t_off - mis, VEC)
+        lo = start + mis
+        stop += mis
+    else:
+        s_tile = s_row
+        t_tile = t_ptr + t_off
+        lo = start
     ENTRIES: tl.constexpr = LANES * VEC  # one sub-tile: lane j owns VEC entries (as in _fwd_kernel)
     inner = _tile_offsets(1, LANES, VEC, ALIGNED, WORDS)  # a sub-tile, loaded one after the other
     offs_block = _tile_offsets(SUB, LANES, VEC, ALIGNED, WORDS)  # the whole block: the first one
@@ -682,7 +717,8 @@ def _fwd_raw_kernel(
     ref_s = count
     ref_t = count
     while (count == 0.0) & (start + first * BLOCK < stop):
-        s, t, valid = _load_block(s_row, t_row, start + first * BLOCK, offs_block, stop, True, NATIVE, WORDS)
+        s, t, valid = _load_block(s_tile, t_tile, start + first * BLOCK, offs_block, stop, True, NATIVE, WORDS,
+                                  lo, PEEL)
         count = tl.sum(tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=0), axis=0)
         c = _first_shift(s, t, valid, count, LEAD)
         ref_s = tl.max(tl.max(tl.max(tl.where(valid, s, float("-inf")), axis=2), axis=0), axis=0)
@@ -713,16 +749,24 @@ def _fwd_raw_kernel(
     if RETRY:  # the second pass of a row the first flagged: around the first's shift + E_w1
         c = tl.load(stats_ptr + row * STATS + 6)
     full = (stop - start) // BLOCK
-    for j in range(tl.maximum(first - 1, 0), full):  # whole blocks without a range mask
+    begin = 0 if CE else tl.maximum(first - 1, 0)  # CE: every finite s, as in _fwd_kernel
+    if PEEL:  # the first block starts before the range: masked (then the loop starts after it)
+        if begin == 0:
+            z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = _raw_block(
+                s_tile, t_tile, start, inner, lo, stop, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
+                z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
+                True, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS, True)
+            begin = 1
+    for j in range(begin, full):  # whole blocks without a range mask
         z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = _raw_block(
-            s_row, t_row, start + j * BLOCK, inner, stop, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
+            s_tile, t_tile, start + j * BLOCK, inner, lo, stop, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
             z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
-            False, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS)
-    if start + full * BLOCK < stop:
+            False, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS, False)
+    if (start + full * BLOCK < stop) & (full >= begin):  # the last block (unless it was the first)
         z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = _raw_block(
-            s_row, t_row, start + full * BLOCK, inner, stop, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
+            s_tile, t_tile, start + full * BLOCK, inner, lo, stop, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
             z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
-            True, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS)
+            True, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS, PEEL)
     # The per-entry sums summed, and taken back to the references.
     z_s, mu_s, s2_s = _raw_moments(z_s, s1_s, s2_s, fix_s)
     z_t, mu_t, s2_t = _raw_moments(z_t, s1_t, s2_t, fix_t)
@@ -1022,13 +1066,24 @@ def _per_row(x: torch.Tensor, n_rows: int) -> torch.Tensor:
     return x.reshape(n_rows).contiguous()
 
 
+def _address(x: torch.Tensor) -> int:
+    return x.storage_offset() * x.element_size() if x.is_meta else x.data_ptr()
+
+
 def _aligned(tensors, strides) -> bool:
     """Whether every row starts 16-byte aligned as Triton's launch specialisation can prove it (16-byte
     aligned pointers, strides divisible by 16), i.e. whether the logits move in 128-bit loads."""
-    def address(x):
-        return x.storage_offset() * x.element_size() if x.is_meta else x.data_ptr()
+    return all(_address(x) % 16 == 0 for x in tensors) and all(k % 16 == 0 for k in strides)
 
-    return all(address(x) % 16 == 0 for x in tensors) and all(k % 16 == 0 for k in strides)
+
+def _peelable(tensors, strides, vec: int) -> bool:
+    """Whether rows that are not 16-byte aligned can be tiled from the aligned address before them (the
+    raw forward's PEEL): 16-byte aligned pointers, and every row of s as far past an aligned address
+    as the same row of t (strides equal modulo the `vec` entries of 16 bytes)."""
+    (s_so, s_si, t_so, t_si) = strides
+    s, t = tensors
+    return s.element_size() == t.element_size() and all(_address(x) % 16 == 0 for x in tensors) \
+        and (s_so - t_so) % vec == 0 and (s_si - t_si) % vec == 0
 
 
 def _launch_constants(spec: LossSpec):
@@ -1074,6 +1129,9 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
                   NATIVE=student.device.type != "cpu", ALIGNED=aligned, WORDS=words, **_flags(spec))
     if raw or (partials is None and RAW_FORWARD):
         block, num_warps, sub, lanes, vec = forward_config(vocab, student.element_size(), RAW_WARPS)
+        raw_layout = dict(ALIGNED=aligned, WORDS=words, PEEL=False)
+        if not aligned and _peelable((s, t), (s_so, s_si, t_so, t_si), vec):
+            raw_layout = dict(ALIGNED=True, WORDS=s.dtype == t.dtype == torch.bfloat16, PEEL=True)
         cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
         redo = torch.empty(n_rows if partials is None else 0, dtype=torch.int8, device=device)
         # Unsplit: the raw pass, its second pass over the rows it flags 1, the exact pass over those
@@ -1087,7 +1145,7 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
                 *_launch_constants(spec), MAX_CANCELLATION,
                 SHARE_CE=spec.has_ce and spec.need_student and spec.temperature == 1.0,
                 SPLIT=partials is not None, RETRY=retry,
-                BLOCK=block, num_warps=num_warps, SUB=sub, LANES=lanes, VEC=vec, **common,
+                BLOCK=block, num_warps=num_warps, SUB=sub, LANES=lanes, VEC=vec, **{**common, **raw_layout},
             )
         if partials is not None:
             return outputs

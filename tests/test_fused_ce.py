@@ -94,10 +94,19 @@ def test_fused_parity_aligned_rows(monkeypatch, backend, row_split, weighting, d
 
 @pytest.mark.parametrize("weighting", ["ss", "ts", "us", MIX], ids=["ss", "ts", "us", "mix"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_ce_counts_the_blocks_before_the_first_valid_entry(backend, row_split, weighting, dtype):
+@pytest.mark.parametrize("raw", [True, False], ids=["raw-forward", "exact-forward"])
+def test_fused_ce_counts_the_blocks_before_the_first_valid_entry(monkeypatch, backend, row_split, weighting,
+                                                                 dtype, raw):
     """The CE takes every finite student entry, also in the blocks before a row's first entry of CSD's
     vocabulary: a teacher -inf prefix longer than a block (128 here), a teacher all -inf, one valid
-    entry at the end. The forwards' search for that first block once left those blocks out of the CE."""
+    entry at the end. The forwards' search for that first block once left those blocks out of the CE.
+    Both Triton forwards: the raw one, and the exact one (its redo pass, the vocabulary-parallel partials)."""
+    if backend == "triton":
+        from csd_kernels.kernels import triton_backend
+
+        monkeypatch.setattr(triton_backend, "RAW_FORWARD", raw)
+    elif not raw:
+        pytest.skip("one run of the torch backend is enough")
     student, teacher = make_logits(lead=(5,), dtype=dtype)
     teacher[0, :250] = float("-inf")
     teacher[1] = float("-inf")

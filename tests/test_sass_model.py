@@ -73,7 +73,11 @@ def test_no_spills_and_full_width_logits_accesses(model_rows):
             assert int(row["vector_bits"]) == 128, f"{name}: {row['vector_bits']}-bit logits loads"
             if row["kernel"] == "backward":
                 assert int(row["store_bits"]) == 128, f"{name}: {row['store_bits']}-bit gradient stores"
-        else:  # V = 50257 (GPT-2): rows are not 16-byte aligned; reported, not yet vectorised
+        elif row["kernel"] in ("forward", "forward-split") and row["loss"] != "topk":
+            # V = 50257 (GPT-2): rows not 16-byte aligned, which the raw forward tiles from the aligned
+            # address before each row (PEEL)
+            assert int(row["vector_bits"]) == 128, f"{name}: {row['vector_bits']}-bit logits loads"
+        else:  # the backward and the top-k pass at V = 50257: reported, not yet vectorised
             assert int(row["vector_bits"]) in (16, 32, 64, 128)
 
 

@@ -24,7 +24,10 @@ top-k student pass (`loss` topk, K = 64 ids a row) reads s alone forward, s and 
 the exponentials) without the blocks that a forward branch inside it jumps over, times num_warps /
 BLOCK, plus every other instruction of the kernel amortised over the row's columns (the search for the
 first shift, the masked last block, the merge of the lanes, finalisation: a conservative count, since
-it includes the excluded-row path and counts the loop body over the blocks those take too). Only code a
+it includes the excluded-row path and counts the loop body over the blocks those take too). The
+backward has no loop: each program issues all of its code, so `w` is its instructions times num_warps
+times the grid's programs per row over V (the last block's idle lanes count), summed over its grids
+where there are two (rows not 16-byte aligned: the interior blocks, then the masked edges). Only code a
 converged warp can reach counts: not the fallbacks ptxas adds after EXIT for warp shuffles it cannot
 prove convergent, entered through BRA.DIV only when a warp has diverged, which these kernels' per-program
 branches never cause (`converged`). A kernel measured on an H200 reached about
@@ -181,7 +184,10 @@ def record_launches(loss, weighting, ce, dtype_name, vocab, rows=8192, split_row
                 # exact pass ("redo") over the rows it flags: those cost only on the flagged rows.
                 kind = {"_fwd_raw_kernel": "retry" if kwargs.get("RETRY") else role,
                         "_fwd_kernel": "redo" if kwargs.get("REDO") else role,
-                        "_merge_kernel": "merge", "_bwd_kernel": "backward"}[fn.__name__]
+                        "_merge_kernel": "merge",
+                        # PEEL's second grid, the masked edges of rows not 16-byte aligned
+                        "_bwd_kernel": "backward-edges" if kwargs.get("PEEL") and kwargs.get("MASKED")
+                        else "backward"}[fn.__name__]
                 out.append((kind, fn, grid, args, kwargs))
     finally:
         for name, fn in originals.items():
@@ -309,13 +315,14 @@ def _width(text):
     return 32
 
 
-def memory_bits(instructions, opcode):
-    """Width of the logits accesses: the narrowest predicated (masked) `opcode` of the hot code, or of all
-    of them where none is predicated."""
+def memory_bits(instructions, opcode, itemsize):
+    """Width in bits of the logits accesses (`opcode` LDG or STG) of the hot code: the narrowest
+    predicated (masked) access at least one logit (`itemsize` bytes) wide, or, where none is masked,
+    the widest access. A kernel's per-row scalars (flags, statistics, labels) are loaded unmasked and
+    at most 64 bits wide, so unmasked logits report 128 only if they move in 128 bits."""
     ops = [x for x in instructions if re.search(rf"\b{opcode}\b", x)]
-    masked = [x for x in ops if x.startswith("@")]
-    pool = masked or ops
-    return min((_width(x) for x in pool), default=0)
+    masked = [x for x in ops if x.startswith("@") and _width(x) >= 8 * itemsize]
+    return min(map(_width, masked)) if masked else max(map(_width, ops), default=0)
 
 
 def resources(cubin_path):
@@ -333,21 +340,16 @@ def blocks_per_sm(registers, num_warps, shared, arch):
     return max(0, min(by_regs, max_warps // num_warps, max_blocks, by_smem))
 
 
-def analyse(meta):
-    """Compile one launch (its launcher re-run on meta tensors) and read its SASS: one CSV row (a dict)."""
-    launch = next((launch for launch in record_launches(
-        meta["loss"], meta["weighting"], meta["ce"], meta["dtype"], meta["vocab"]) if launch[0] == meta["kind"]), None)
-    if launch is None:  # a launcher without this role (an older checkout: no exact redo pass)
-        return None
-    kind, fn, grid, args, kwargs = launch
+def _read(launch, arch):
+    """Compile one recorded launch for `arch` with Triton's launch specialisation: (instructions,
+    labels, resource usage, num_warps) of its SASS."""
+    _, fn, _, args, kwargs = launch
     import triton
     from triton.backends.compiler import GPUTarget
-
-    arch = meta["arch"]
-    target = GPUTarget("cuda", int(arch[3:]), 32)
-    signature, constexprs, attrs, options = specialise(fn, args, kwargs, target)
     from triton.compiler import ASTSource
 
+    target = GPUTarget("cuda", int(arch[3:]), 32)
+    signature, constexprs, attrs, options = specialise(fn, args, kwargs, target)
     binary = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
@@ -355,13 +357,29 @@ def analyse(meta):
             f.write(binary.asm["cubin"])
         text = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
         usage = resources(path)
+    usage["SHARED"] = max(usage.get("SHARED", 0), int(getattr(binary.metadata, "shared", 0) or 0))
     instructions, labels = parse_sass(text)
+    return instructions, labels, usage, options.num_warps
+
+
+def analyse(meta):
+    """Compile one launch (its launcher re-run on meta tensors) and read its SASS: one CSV row (a dict).
+
+    The backward of rows that are not 16-byte aligned runs two grids (PEEL: the interior blocks, then
+    the masked edges): its count is theirs together, each program's instructions times its grid's
+    programs per row, over the row's entries; the load and store widths are the interior grid's."""
+    launches = record_launches(meta["loss"], meta["weighting"], meta["ce"], meta["dtype"], meta["vocab"])
+    launch = next((launch for launch in launches if launch[0] == meta["kind"]), None)
+    if launch is None:  # a launcher without this role (an older checkout: no exact redo pass)
+        return None
+    kind, fn, grid, args, kwargs = launch
+    arch = meta["arch"]
+    instructions, labels, usage, warps = _read(launch, arch)
     topk = meta["loss"] == "topk"
     # The hot loop: the top-k forward's fp64 sum pass (DADD); a dense forward's statistics loop (its
     # exponentials), not the short search for a row's first valid block before it.
     marker = ("DADD" if topk else "MUFU.EX2") if kind in ("forward", "redo", "forward-split") else None
     body, rest = hot_path(instructions, labels, marker=marker)
-    warps = options.num_warps
     block = kwargs.get("BLOCK", kwargs.get("BLOCK_P", 1))
     vocab = meta["vocab"]
     if kind == "merge":
@@ -374,17 +392,24 @@ def analyse(meta):
         per_elem = loop_per_elem + len(rest) * warps / columns
         mufu = sum("MUFU" in x for x in body) * warps / block
         bars = sum("BAR" in x for x in body) / block
-    else:  # the backward: one block per program, no loop
-        per_elem = len(rest) * warps / block
-        mufu = sum("MUFU" in x for x in rest) * warps / block
-        bars = sum("BAR" in x for x in rest) / block
+    else:  # the backward: one block per program, no loop; every program issues all of its code
+        grids = [(rest, warps, int(grid[1]))]
+        for other in (x for x in launches if x[0] == kind + "-edges"):
+            edge_instructions, edge_labels, edge_usage, edge_warps = _read(other, arch)
+            grids.append((hot_path(edge_instructions, edge_labels)[1], edge_warps, int(other[2][1])))
+            usage = {k: max(v, edge_usage.get(k, 0)) for k, v in usage.items()}
+        # per element over the grids: warp-instructions (a barrier counts once per program)
+        count = lambda opcode=None, per_warp=True: sum(  # noqa: E731
+            sum(opcode is None or opcode in x for x in code) * (w if per_warp else 1) * programs
+            for code, w, programs in grids) / vocab
+        per_elem, mufu, bars = count(), count("MUFU"), count("BAR", per_warp=False)
     hot = body or rest
     itemsize = 2 if meta["dtype"] == "bfloat16" else 4
     # Arrays streamed per element: dense s, t (+ the gradient); top-k s (+ the gradient).
     bytes_per_elem = ((1 if topk else 2) + (kind == "backward")) * itemsize
     gpu = GPUS[meta["gpu"]]
     bound = gpu["sms"] * gpu["schedulers"] * gpu["clock_ghz"] * 1e9 / per_elem * bytes_per_elem / 1e12
-    shared = max(usage.get("SHARED", 0), int(getattr(binary.metadata, "shared", 0) or 0))
+    shared = usage["SHARED"]
     registers = usage.get("REG", 0)
     return dict(
         kernel=kind,
@@ -392,7 +417,8 @@ def analyse(meta):
         dtype=meta["dtype"], arch=arch, vocab=vocab, aligned=int(vocab % 8 == 0), block=block,
         num_warps=warps, registers=registers, spills=usage.get("LOCAL", 0) + usage.get("STACK", 0),
         shared_bytes=shared, blocks_per_sm=blocks_per_sm(registers, warps, shared, arch),
-        vector_bits=memory_bits(hot, "LDG"), store_bits=memory_bits(hot, "STG") if kind == "backward" else "",
+        vector_bits=memory_bits(hot, "LDG", itemsize),
+        store_bits=memory_bits(hot, "STG", itemsize) if kind == "backward" else "",
         warp_instr_per_elem=round(per_elem, 4), barriers_per_elem=round(bars, 5), mufu_per_elem=round(mufu, 4),
         issue_bound_tbps=round(bound, 2) if kind != "merge" else "",
         # the exact pass over flagged rows ("redo") costs only on those rows: no target of its own

@@ -299,13 +299,21 @@ def test_gpu_bit_identical_runs():
 
 
 def spy_on_aligned(monkeypatch, backend):
-    """The list of the Triton forward's ALIGNED decisions, one per launch (empty for other backends)."""
+    """The list of the Triton forward's ALIGNED decisions, one per launch (empty for other backends).
+    (The backward asks too, of s, t and the gradient: not recorded.)"""
     seen = []
     if backend == "triton":
         from csd_kernels.kernels import triton_backend
 
         aligned = triton_backend._aligned
-        monkeypatch.setattr(triton_backend, "_aligned", lambda *a: seen.append(aligned(*a)) or seen[-1])
+
+        def spy(tensors, strides):
+            result = aligned(tensors, strides)
+            if len(tensors) == 2:
+                seen.append(result)
+            return result
+
+        monkeypatch.setattr(triton_backend, "_aligned", spy)
     return seen
 
 

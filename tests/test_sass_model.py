@@ -17,22 +17,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Regression floors (H200 model, bf16, V = 32000, TB/s), about 2 % under what the kernels reach at the
 # commit that set them (benchmarks/results/sass/sass.csv): a change that costs issue slots fails here.
+# (The backward's count covers every program of its grid, the last block's idle lanes included.)
 FLOORS = {
-    ("forward", "csd", "ss", 0): 9.3, ("forward-split", "csd", "ss", 0): 8.75, ("backward", "csd", "ss", 0): 8.3,
-    ("forward", "csd", "ss", 1): 8.1, ("forward-split", "csd", "ss", 1): 7.65, ("backward", "csd", "ss", 1): 6.25,
-    ("forward", "csd", "ts", 0): 6.8, ("forward-split", "csd", "ts", 0): 6.45, ("backward", "csd", "ts", 0): 6.8,
-    ("forward", "csd", "ts", 1): 6.15, ("forward-split", "csd", "ts", 1): 5.85, ("backward", "csd", "ts", 1): 5.25,
-    ("forward", "csd", "us", 0): 7.6, ("forward-split", "csd", "us", 0): 7.2, ("backward", "csd", "us", 0): 8.15,
+    ("forward", "csd", "ss", 0): 9.3, ("forward-split", "csd", "ss", 0): 8.75, ("backward", "csd", "ss", 0): 8.1,
+    ("forward", "csd", "ss", 1): 8.1, ("forward-split", "csd", "ss", 1): 7.65, ("backward", "csd", "ss", 1): 6.1,
+    ("forward", "csd", "ts", 0): 6.8, ("forward-split", "csd", "ts", 0): 6.45, ("backward", "csd", "ts", 0): 6.6,
+    ("forward", "csd", "ts", 1): 6.15, ("forward-split", "csd", "ts", 1): 5.85, ("backward", "csd", "ts", 1): 5.12,
+    ("forward", "csd", "us", 0): 7.6, ("forward-split", "csd", "us", 0): 7.2, ("backward", "csd", "us", 0): 7.95,
     ("forward", "csd", "uu", 0): 11.85, ("forward-split", "csd", "uu", 0): 11.15,
-    ("backward", "csd", "uu", 0): 10.6,
+    ("backward", "csd", "uu", 0): 10.25,
     ("forward", "csd", "mix", 0): 5.8, ("forward-split", "csd", "mix", 0): 5.45,
-    ("backward", "csd", "mix", 0): 6.65,
+    ("backward", "csd", "mix", 0): 6.5,
     ("forward", "csd", "mix", 1): 5.2, ("forward-split", "csd", "mix", 1): 5.05,
-    ("backward", "csd", "mix", 1): 5.2,
+    ("backward", "csd", "mix", 1): 5.07,
     ("forward", "kl-forward", "-", 0): 6.8, ("forward-split", "kl-forward", "-", 0): 6.45,
-    ("backward", "kl-forward", "-", 0): 8.8,
+    ("backward", "kl-forward", "-", 0): 8.6,
     # the top-k student pass: 2 B per element forward, 4 B backward (no target set; the copy bandwidth is 4.3)
-    ("forward", "topk", "-", 0): 5.75, ("backward", "topk", "-", 0): 8.2,
+    ("forward", "topk", "-", 0): 5.75, ("backward", "topk", "-", 0): 8.0,
 }
 
 
@@ -73,11 +74,14 @@ def test_no_spills_and_full_width_logits_accesses(model_rows):
             assert int(row["vector_bits"]) == 128, f"{name}: {row['vector_bits']}-bit logits loads"
             if row["kernel"] == "backward":
                 assert int(row["store_bits"]) == 128, f"{name}: {row['store_bits']}-bit gradient stores"
-        elif row["kernel"] in ("forward", "forward-split") and row["loss"] != "topk":
-            # V = 50257 (GPT-2): rows not 16-byte aligned, which the raw forward tiles from the aligned
-            # address before each row (PEEL)
+        elif row["loss"] != "topk":
+            # V = 50257 (GPT-2): rows not 16-byte aligned, which the raw forward and the backward tile
+            # from the aligned address before each row (PEEL; the backward's masked edges are a grid of
+            # their own, counted in its instructions)
             assert int(row["vector_bits"]) == 128, f"{name}: {row['vector_bits']}-bit logits loads"
-        else:  # the backward and the top-k pass at V = 50257: reported, not yet vectorised
+            if row["kernel"] == "backward":
+                assert int(row["store_bits"]) == 128, f"{name}: {row['store_bits']}-bit gradient stores"
+        else:  # the top-k pass at V = 50257: reported, not vectorised
             assert int(row["vector_bits"]) in (16, 32, 64, 128)
 
 
@@ -88,8 +92,11 @@ def test_issue_bound_does_not_regress(model_rows):
 
 
 def test_issue_bound_meets_the_targets(model_rows):
-    low = [f"{_key(r)}: {r['issue_bound_tbps']} < {r['target_tbps']}" for r in model_rows
-           if r["vocab"] == "32000" and r["target_tbps"] and float(r["issue_bound_tbps"]) < float(r["target_tbps"])]
+    """Every variant at V = 32000; at V = 50257 the unsplit forward and the backward (the split
+    forward's masked edges, entry by entry in each program, keep it just under: reported in the CSV)."""
+    low = [f"{_key(r)} V={r['vocab']}: {r['issue_bound_tbps']} < {r['target_tbps']}" for r in model_rows
+           if (r["vocab"] == "32000" or r["kernel"] != "forward-split") and r["target_tbps"]
+           and float(r["issue_bound_tbps"]) < float(r["target_tbps"])]
     assert not low, low
 
 

@@ -68,8 +68,13 @@ def compile_all():
                 (k._fwd_kernel, dict(flags, **tile, COMPONENTS=bool(ce), SPLIT=True, REDO=False), warps),
                 (k._merge_kernel, dict(flags, COMPONENTS=bool(ce), BLOCK_P=8, RAW=True, REDO=False), 1),
                 (k._merge_kernel, dict(flags, COMPONENTS=bool(ce), BLOCK_P=8, RAW=False, REDO=True), 1),
-                (k._bwd_kernel, dict(flags, SHARDED=bool(ce), BLOCK=4096, NATIVE=True), 8),
+                (k._bwd_kernel, dict(flags, SHARDED=bool(ce), BLOCK=4096, NATIVE=True, PEEL=False, MASKED=True,
+                                     VEC=vec), 8),
             ]
+            # the backward of rows that are not 16-byte aligned (PEEL): its interior and edge grids
+            for masked in (False, True):
+                variants.append((k._bwd_kernel, dict(flags, SHARDED=bool(ce), BLOCK=4096, NATIVE=True, PEEL=True,
+                                                     MASKED=masked, VEC=vec), 8))
             # the raw forward, unsplit and split (the exact passes over the rows it flags are above), and
             # unsplit over rows that are not 16-byte aligned (PEEL)
             block, raw_warps, sub, lanes, vec = k.forward_config(32000, 2 if dtype == "*bf16" else 4, k.RAW_WARPS)
@@ -100,7 +105,7 @@ def test_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "compiled 112 kernel variants" in result.stdout
+    assert "compiled 140 kernel variants" in result.stdout
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ hard-label cross-entropy (one more running log-sum-exp, one load of s[label] per
               forward" below); it and `_fwd_kernel` then recompute only the rows it flags.
     backward  grid (N, cdiv(V, BLOCK)): each program recomputes S(k), T(k), U(k) for one block from the
               row statistics and writes grad_rows[row] times the loss's gradient, for CSD
-              1/2 (w2 (d - E_w1) + w1 (d - E_w2)).
+              1/2 (w2 (d - E_w1) + w1 (d - E_w2)). Rows not 16-byte aligned (PEEL, below): two
+              grids, the interior blocks without a mask, then each row's edge blocks.
 
 Bytes moved per vocabulary element, bf16 inputs: forward reads s and t (4 B), backward reads s and t
 and writes the gradient (6 B): 10 B in all, the floor the benchmarks compare against. Statistics are
@@ -43,7 +44,9 @@ that has no valid entry goes to the exact forward (flag 2; `_fwd_kernel` with RE
 judged after `_merge_kernel` merges their raw partials, and any row it flags goes to the exact split
 forward and merge. Rows that do not start 16-byte aligned (an odd V such as GPT-2's 50257) are tiled
 from the aligned address before each row (PEEL, where s and t lie equally far past one): the blocks
-inside the range load in 128 bits, the first and last are masked entry by entry to the range.
+inside the range load in 128 bits, the first and last are masked entry by entry to the range. The
+backward does the same where s, t and the gradient lie equally far past one: an interior grid of the
+blocks that lie inside every row (128-bit loads and stores, no mask), then a grid of the edge blocks.
 
 Which rows fail the bound depends on the data: c is d at the first block's mode, and a peaked w1 puts
 E_w1 at its mode's d, wherever that lies. `benchmarks/flag_rate.py` evaluates this test in float64 on
@@ -887,8 +890,8 @@ def _merge_kernel(
 def _bwd_kernel(
     # pointers (g_ptr may alias s_ptr: each program reads its block before writing it)
     s_ptr, t_ptr, g_ptr, labels_ptr, active_ptr, stats_ptr, grow_ptr,
-    # shapes
-    V, L1,
+    # shapes; first_edge: PEEL's first block after the interior ones
+    V, L1, first_edge,
     # strides (the vocabulary stride is 1)
     s_so, s_si, t_so, t_si, g_so, g_si, grow_stride,
     # log2(e) / temperature and log2(e) / teacher_temperature
@@ -896,12 +899,43 @@ def _bwd_kernel(
     a1_s, a1_t, a1_u, a2_s, a2_t, a2_u, csd_weight, ce_weight,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, LOSS: tl.constexpr,
     CE: tl.constexpr, SHARDED: tl.constexpr, BLOCK: tl.constexpr, NATIVE: tl.constexpr,
+    PEEL: tl.constexpr = False, MASKED: tl.constexpr = True, VEC: tl.constexpr = 1,
 ):
+    # PEEL (rows that do not start 16-byte aligned, as in the raw forward): the blocks are tiled from
+    # the aligned address before the row, `mis` entries early (the same for s, t and g, `_peelable`),
+    # and the launcher runs two grids: the interior blocks 1 .. first_edge - 1, which lie inside every
+    # row and move in 128 bits without a mask (MASKED False), then the edges, block 0 and the blocks from
+    # first_edge on, masked entry by entry to the row.
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    g_row = _row_base(g_ptr, row, L1, g_so, g_si)
+    block = tl.program_id(1)
+    s_off = _row_offset(row, L1, s_so, s_si)
+    t_off = _row_offset(row, L1, t_so, t_si)
+    g_off = _row_offset(row, L1, g_so, g_si)
+    if PEEL:
+        mis = (s_off % VEC).to(tl.int32)
+        s_off = tl.multiple_of(s_off - mis, VEC)
+        t_off = tl.multiple_of(t_off - mis, VEC)
+        g_off = tl.multiple_of(g_off - mis, VEC)
+        if MASKED:
+            block = tl.where(block == 0, 0, first_edge + block - 1)
+        else:
+            block += 1
+    else:
+        mis = 0
+    s_row = s_ptr + s_off
+    t_row = t_ptr + t_off
+    g_row = g_ptr + g_off
+    offs = block * BLOCK + tl.arange(0, BLOCK)  # the tile's columns: entry offs - mis
+    if PEEL:
+        in_range = (offs >= mis) & (offs < V + mis)
+    else:
+        in_range = offs < V
     if tl.load(active_ptr + row) == 0:
-        tl.store(g_row + cols, tl.zeros([BLOCK], tl.float32).to(g_ptr.dtype.element_ty), mask=cols < V)
+        zero = tl.zeros([BLOCK], tl.float32).to(g_ptr.dtype.element_ty)
+        if MASKED:
+            tl.store(g_row + offs, zero, mask=in_range)
+        else:
+            tl.store(g_row + offs, zero)
         return
 
     stats_row = stats_ptr + row * STATS
@@ -915,9 +949,7 @@ def _bwd_kernel(
     inv_n = tl.load(stats_row + 7)
     upstream = tl.load(grow_ptr + row * grow_stride).to(tl.float32)
 
-    s, t, valid = _load_block(
-        _row_base(s_ptr, row, L1, s_so, s_si), _row_base(t_ptr, row, L1, t_so, t_si), 0, cols, V, True, NATIVE
-    )
+    s, t, valid = _load_block(s_row, t_row, 0, offs, V + mis, MASKED, NATIVE, False, mis, PEEL)
     dd = s - t - shift
     # (x - m) first, then the scale: exact exponents near the max at any |x| (stats.py)
     p_s = tl.exp2((s - m_s) * s_scale - log2z_s)
@@ -945,13 +977,16 @@ def _bwd_kernel(
         label = tl.load(labels_ptr + row).to(tl.int64)
         label_ok = (label >= 0) & (label < V)
         p_1 = tl.exp2((s - tl.load(stats_row + 8)) * LOG2E - tl.load(stats_row + 9))
-        # the one-hot compared in int32 (cols are int32; a label outside [0, V) matches no column)
-        ce_grad = tl.where(cols == tl.where(label_ok, label, -1).to(tl.int32), p_1 - 1.0, p_1)
+        # the one-hot compared in int32 (offs are int32; a label outside [0, V) matches no column)
+        ce_grad = tl.where(offs - mis == tl.where(label_ok, label, -1).to(tl.int32), p_1 - 1.0, p_1)
         ce_scale = upstream * ce_weight
         if not SHARDED:  # a vocabulary shard's label may lie in another shard: no one-hot here, no NaN
             ce_scale = tl.where(label_ok, ce_scale, float("nan"))  # NaN over the row, through the row's constant
         g += ce_scale * ce_grad
-    tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V)
+    if MASKED:
+        tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=in_range)
+    else:
+        tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1077,13 +1112,13 @@ def _aligned(tensors, strides) -> bool:
 
 
 def _peelable(tensors, strides, vec: int) -> bool:
-    """Whether rows that are not 16-byte aligned can be tiled from the aligned address before them (the
-    raw forward's PEEL): 16-byte aligned pointers, and every row of s as far past an aligned address
-    as the same row of t (strides equal modulo the `vec` entries of 16 bytes)."""
-    (s_so, s_si, t_so, t_si) = strides
-    s, t = tensors
-    return s.element_size() == t.element_size() and all(_address(x) % 16 == 0 for x in tensors) \
-        and (s_so - t_so) % vec == 0 and (s_si - t_si) % vec == 0
+    """Whether rows that are not 16-byte aligned can be tiled from the aligned address before them
+    (PEEL, the raw forward's and the backward's): one itemsize, 16-byte aligned pointers, and every row
+    of each tensor as far past an aligned address as the same row of the first (`strides`: a tensor's
+    (outer, inner), equal modulo the `vec` entries of 16 bytes)."""
+    (so, si) = strides[0]
+    return len({x.element_size() for x in tensors}) == 1 and all(_address(x) % 16 == 0 for x in tensors) \
+        and all((o - so) % vec == 0 and (i - si) % vec == 0 for o, i in strides)
 
 
 def _launch_constants(spec: LossSpec):
@@ -1130,7 +1165,7 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
     if raw or (partials is None and RAW_FORWARD):
         block, num_warps, sub, lanes, vec = forward_config(vocab, student.element_size(), RAW_WARPS)
         raw_layout = dict(ALIGNED=aligned, WORDS=words, PEEL=False)
-        if not aligned and _peelable((s, t), (s_so, s_si, t_so, t_si), vec):
+        if not aligned and _peelable((s, t), ((s_so, s_si), (t_so, t_si)), vec):
             raw_layout = dict(ALIGNED=True, WORDS=s.dtype == t.dtype == torch.bfloat16, PEEL=True)
         cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
         redo = torch.empty(n_rows if partials is None else 0, dtype=torch.int8, device=device)
@@ -1266,14 +1301,26 @@ def backward(
     labels = _per_row(labels, n_rows) if spec.has_ce else active
     grad_rows = grad_rows.reshape(n_rows)  # its stride is passed: a stride-0 broadcast needs no copy
     block, num_warps = block_config(vocab)
-    _bwd_kernel[(n_rows, triton.cdiv(vocab, block))](
-        s, t, g, labels, active, stats, grad_rows,
-        vocab, l1,
-        s_so, s_si, t_so, t_si, g_so, g_si, grad_rows.stride(0),
-        *_launch_constants(spec),
-        BLOCK=block, num_warps=num_warps, SHARDED=sharded_labels, NATIVE=s.device.type != "cpu",
-        **_flags(spec),
-    )
+    vec = 16 // s.element_size()
+    strides = ((s_so, s_si), (t_so, t_si), (g_so, g_si))
+    # (programs per row, layout): one masked grid, or PEEL's interior grid and its edges' (see _bwd_kernel)
+    first_edge = max(vocab // block, 1)
+    if _aligned((s, t, g), sum(strides, ())) or not _peelable((s, t, g), strides, vec):
+        grids = [(triton.cdiv(vocab, block), dict(PEEL=False, MASKED=True))]
+    else:
+        grids = [(first_edge - 1, dict(PEEL=True, MASKED=False)),
+                 (1 + triton.cdiv(vocab + vec - 1, block) - first_edge, dict(PEEL=True, MASKED=True))]
+    for programs, layout in grids:
+        if programs == 0:
+            continue
+        _bwd_kernel[(n_rows, programs)](
+            s, t, g, labels, active, stats, grad_rows,
+            vocab, l1, first_edge,
+            s_so, s_si, t_so, t_si, g_so, g_si, grad_rows.stride(0),
+            *_launch_constants(spec),
+            BLOCK=block, num_warps=num_warps, SHARDED=sharded_labels, NATIVE=s.device.type != "cpu", VEC=vec,
+            **layout, **_flags(spec),
+        )
     if g is not out:  # `out` could not be addressed as rows (only an exotic in-place target)
         out.copy_(g)
     return out

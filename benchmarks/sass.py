@@ -142,7 +142,12 @@ def _record_topk_launches(ce, dtype, vocab, rows):
         for name, fn in originals.items():
             setattr(tk, name, fn)
     roles = {"_topk_fwd_kernel": "forward", "_topk_bwd_kernel": "backward", "_topk_support_kernel": "scatter"}
-    return [(roles[fn.__name__], fn, grid, args, kwargs) for fn, grid, args, kwargs in launches]
+    return [(_edges(roles[fn.__name__], kwargs), fn, grid, args, kwargs) for fn, grid, args, kwargs in launches]
+
+
+def _edges(role, kwargs):
+    """A backward's second grid over rows not 16-byte aligned (PEEL's masked edges) is its own role."""
+    return role + "-edges" if role == "backward" and kwargs.get("PEEL") and kwargs.get("MASKED") else role
 
 
 def record_launches(loss, weighting, ce, dtype_name, vocab, rows=8192, split_rows=16, sms=132):
@@ -184,10 +189,7 @@ def record_launches(loss, weighting, ce, dtype_name, vocab, rows=8192, split_row
                 # exact pass ("redo") over the rows it flags: those cost only on the flagged rows.
                 kind = {"_fwd_raw_kernel": "retry" if kwargs.get("RETRY") else role,
                         "_fwd_kernel": "redo" if kwargs.get("REDO") else role,
-                        "_merge_kernel": "merge",
-                        # PEEL's second grid, the masked edges of rows not 16-byte aligned
-                        "_bwd_kernel": "backward-edges" if kwargs.get("PEEL") and kwargs.get("MASKED")
-                        else "backward"}[fn.__name__]
+                        "_merge_kernel": "merge", "_bwd_kernel": _edges("backward", kwargs)}[fn.__name__]
                 out.append((kind, fn, grid, args, kwargs))
     finally:
         for name, fn in originals.items():

@@ -10,7 +10,8 @@ the dense kernels on the (N, K' + 1) coarsened rows; only these two passes touch
     backward  grid (N, cdiv(V, BLOCK)): writes coef * exp(s_j - s'_tail) (+ the cross-entropy's label
               term) on the block; then `_topk_support_kernel` (grid (N,)) overwrites the support entries
               with their own gradients. Reads 2 B and writes 2 B per element in bf16: with the forward,
-              6 B against dense CSD's 10.
+              6 B against dense CSD's 10. Rows not 16-byte aligned: two grids, the interior blocks
+              without a mask, then the edges (`triton_backend.peel_grids`).
 
 The tail without a membership test. Testing each element against K ids would cost K compares per
 element. Instead the pass sums every entry and the support is subtracted:
@@ -40,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_backend import LOG2E, _per_row, _row_base, _rows, block_config
+from .triton_backend import (LOG2E, _peel_base, _peel_block, _per_row, _row_base, _row_offset, _rows, block_config,
+                             peel_grids)
 
 NEG_INF = tl.constexpr(float("-inf"))
 NAN = tl.constexpr(float("nan"))
@@ -131,26 +133,34 @@ def _topk_fwd_kernel(
 @triton.jit
 def _topk_bwd_kernel(
     s_ptr, g_ptr, active_ptr, labels_ptr, tail_ptr, coef_ptr, label_grad_ptr,
-    V, L1, s_so, s_si, g_so, g_si,
+    V, L1, first_edge, s_so, s_si, g_so, g_si,
     BLOCK: tl.constexpr, STREAM: tl.constexpr, CE: tl.constexpr,
+    PEEL: tl.constexpr = False, MASKED: tl.constexpr = True, VEC: tl.constexpr = 1,
 ):
+    # One block of a row (`_peel_block`: rows that do not start 16-byte aligned are tiled from the
+    # aligned address before them, PEEL, in an interior grid without a mask and an edge grid).
     row = tl.program_id(0).to(tl.int64)
-    start = tl.program_id(1) * BLOCK
-    cols = start + tl.arange(0, BLOCK)
-    in_range = cols < V
-    g_row = _row_base(g_ptr, row, L1, g_so, g_si)
+    g_off = _row_offset(row, L1, g_so, g_si)
+    cols, mis, in_range = _peel_block(g_off, first_edge, V, BLOCK, VEC, PEEL, MASKED)
+    g_row = _peel_base(g_ptr, g_off, mis, VEC, PEEL)
     active = tl.load(active_ptr + row)
     g = tl.zeros([BLOCK], dtype=tl.float32)
     if STREAM:
         if active:
-            s_row = _row_base(s_ptr, row, L1, s_so, s_si)
-            x = tl.load(s_row + cols, mask=in_range, other=NEG_INF).to(tl.float32)
+            s_row = _peel_base(s_ptr, _row_offset(row, L1, s_so, s_si), mis, VEC, PEEL)
+            if MASKED:
+                x = tl.load(s_row + cols, mask=in_range, other=NEG_INF).to(tl.float32)
+            else:
+                x = tl.load(s_row + cols).to(tl.float32)
             tail = tl.load(tail_ptr + row)
             tail = tl.where(tail == NEG_INF, 0.0, tail)  # then coef is 0 and no entry off the support is finite
             g = tl.where(x == NEG_INF, 0.0, tl.load(coef_ptr + row) * tl.exp2((x - tail) * LOG2E))
             if CE:
-                g += tl.where(cols == tl.load(labels_ptr + row), tl.load(label_grad_ptr + row), 0.0)
-    tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=in_range)
+                g += tl.where(cols - mis == tl.load(labels_ptr + row), tl.load(label_grad_ptr + row), 0.0)
+    if MASKED:
+        tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=in_range)
+    else:
+        tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -205,12 +215,16 @@ def student_backward(student: torch.Tensor, ids: torch.Tensor, active: torch.Ten
     active = _per_row(active, n_rows)
     ce = label_grad is not None
     block, num_warps = block_config(vocab)
-    _topk_bwd_kernel[(n_rows, triton.cdiv(vocab, block))](
-        s, g, active, _per_row(labels, n_rows) if ce else active, tail.contiguous(), coef.contiguous(),
-        label_grad.contiguous() if ce else coef,
-        vocab, l1, s_so, s_si, g_so, g_si,
-        BLOCK=block, STREAM=stream, CE=ce, num_warps=num_warps,
-    )
+    # (without STREAM the student is not read: only the gradient's layout matters)
+    first_edge, grids = peel_grids((s, g) if stream else (g,), ((s_so, s_si), (g_so, g_si)) if stream
+                                   else ((g_so, g_si),), vocab, block)
+    labels = _per_row(labels, n_rows) if ce else active
+    for programs, layout in grids:
+        _topk_bwd_kernel[(n_rows, programs)](
+            s, g, active, labels, tail.contiguous(), coef.contiguous(), label_grad.contiguous() if ce else coef,
+            vocab, l1, first_edge, s_so, s_si, g_so, g_si,
+            BLOCK=block, STREAM=stream, CE=ce, num_warps=num_warps, **layout,
+        )
     _topk_support_kernel[(n_rows,)](g, ids, active, values.contiguous(), vocab, k, l1, g_so, g_si,
                                     K_BLOCK=_k_block(k), num_warps=4)
     if g is not out:

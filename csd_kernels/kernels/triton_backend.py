@@ -115,6 +115,40 @@ def _row_base(ptr, row, L1, stride_outer, stride_inner):
 
 
 @triton.jit
+def _peel_block(offset, first_edge, V, BLOCK: tl.constexpr, VEC: tl.constexpr, PEEL: tl.constexpr,
+                MASKED: tl.constexpr):
+    # A backward program's block of its row (grid axis 1; the row starts at `offset`): (offs, mis,
+    # in_range), the block's columns from the row's tile base (entry offs - mis) and their range mask.
+    # PEEL (rows that do not start 16-byte aligned, as in the raw forward): the row is tiled from the
+    # aligned address before it, `mis` entries early, and the launcher runs two grids (`peel_grids`):
+    # the interior blocks 1 .. first_edge - 1, which lie inside every row and move in 128 bits without
+    # a mask (MASKED False), then the edges, block 0 and the blocks from first_edge on, masked entry by
+    # entry to the row. Otherwise one grid of blocks from the row's start, masked to V.
+    block = tl.program_id(1)
+    mis = tl.zeros([], tl.int32)
+    if PEEL:
+        mis = (offset % VEC).to(tl.int32)
+        if MASKED:
+            block = tl.where(block == 0, 0, first_edge + block - 1)
+        else:
+            block += 1
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    if PEEL:
+        in_range = (offs >= mis) & (offs < V + mis)
+    else:
+        in_range = offs < V
+    return offs, mis, in_range
+
+
+@triton.jit
+def _peel_base(ptr, offset, mis, VEC: tl.constexpr, PEEL: tl.constexpr):
+    # A row's tile base (`_peel_block`): 16-byte aligned under PEEL, which Triton is told.
+    if PEEL:
+        offset = tl.multiple_of(offset - mis, VEC)
+    return ptr + offset
+
+
+@triton.jit
 def _load_block(s_row, t_row, base, offs, stop, MASKED: tl.constexpr, NATIVE: tl.constexpr = False,
                 WORDS: tl.constexpr = False, lo=0, EDGES: tl.constexpr = False):
     # Entries base + offs of both rows. Upcast right after the load: fp32 arithmetic everywhere (bf16
@@ -901,35 +935,14 @@ def _bwd_kernel(
     CE: tl.constexpr, SHARDED: tl.constexpr, BLOCK: tl.constexpr, NATIVE: tl.constexpr,
     PEEL: tl.constexpr = False, MASKED: tl.constexpr = True, VEC: tl.constexpr = 1,
 ):
-    # PEEL (rows that do not start 16-byte aligned, as in the raw forward): the blocks are tiled from
-    # the aligned address before the row, `mis` entries early (the same for s, t and g, `_peelable`),
-    # and the launcher runs two grids: the interior blocks 1 .. first_edge - 1, which lie inside every
-    # row and move in 128 bits without a mask (MASKED False), then the edges, block 0 and the blocks from
-    # first_edge on, masked entry by entry to the row.
+    # PEEL: rows that do not start 16-byte aligned (the same for s, t and g, `_peelable`), in two grids
+    # (`_peel_block`).
     row = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
     s_off = _row_offset(row, L1, s_so, s_si)
-    t_off = _row_offset(row, L1, t_so, t_si)
-    g_off = _row_offset(row, L1, g_so, g_si)
-    if PEEL:
-        mis = (s_off % VEC).to(tl.int32)
-        s_off = tl.multiple_of(s_off - mis, VEC)
-        t_off = tl.multiple_of(t_off - mis, VEC)
-        g_off = tl.multiple_of(g_off - mis, VEC)
-        if MASKED:
-            block = tl.where(block == 0, 0, first_edge + block - 1)
-        else:
-            block += 1
-    else:
-        mis = 0
-    s_row = s_ptr + s_off
-    t_row = t_ptr + t_off
-    g_row = g_ptr + g_off
-    offs = block * BLOCK + tl.arange(0, BLOCK)  # the tile's columns: entry offs - mis
-    if PEEL:
-        in_range = (offs >= mis) & (offs < V + mis)
-    else:
-        in_range = offs < V
+    offs, mis, in_range = _peel_block(s_off, first_edge, V, BLOCK, VEC, PEEL, MASKED)
+    s_row = _peel_base(s_ptr, s_off, mis, VEC, PEEL)
+    t_row = _peel_base(t_ptr, _row_offset(row, L1, t_so, t_si), mis, VEC, PEEL)
+    g_row = _peel_base(g_ptr, _row_offset(row, L1, g_so, g_si), mis, VEC, PEEL)
     if tl.load(active_ptr + row) == 0:
         zero = tl.zeros([BLOCK], tl.float32).to(g_ptr.dtype.element_ty)
         if MASKED:
@@ -1121,6 +1134,20 @@ def _peelable(tensors, strides, vec: int) -> bool:
         and all((o - so) % vec == 0 and (i - si) % vec == 0 for o, i in strides)
 
 
+def peel_grids(tensors, strides, vocab: int, block: int):
+    """(first_edge, [(programs per row, layout constexprs)]) of a backward over rows of `tensors`
+    (`strides`: each one's (outer, inner)) in blocks of `block` entries (`_peel_block`): one masked
+    grid where the rows start 16-byte aligned or cannot be peeled, else PEEL's interior grid (if any)
+    and its edges'."""
+    vec = 16 // tensors[0].element_size()
+    first_edge = max(vocab // block, 1)
+    if _aligned(tensors, sum(strides, ())) or not _peelable(tensors, strides, vec):
+        return first_edge, [(triton.cdiv(vocab, block), dict(PEEL=False, MASKED=True, VEC=vec))]
+    grids = [(first_edge - 1, dict(PEEL=True, MASKED=False, VEC=vec)),
+             (1 + triton.cdiv(vocab + vec - 1, block) - first_edge, dict(PEEL=True, MASKED=True, VEC=vec))]
+    return first_edge, [grid for grid in grids if grid[0]]
+
+
 def _launch_constants(spec: LossSpec):
     return (
         LOG2E.value / spec.temperature,
@@ -1301,24 +1328,14 @@ def backward(
     labels = _per_row(labels, n_rows) if spec.has_ce else active
     grad_rows = grad_rows.reshape(n_rows)  # its stride is passed: a stride-0 broadcast needs no copy
     block, num_warps = block_config(vocab)
-    vec = 16 // s.element_size()
-    strides = ((s_so, s_si), (t_so, t_si), (g_so, g_si))
-    # (programs per row, layout): one masked grid, or PEEL's interior grid and its edges' (see _bwd_kernel)
-    first_edge = max(vocab // block, 1)
-    if _aligned((s, t, g), sum(strides, ())) or not _peelable((s, t, g), strides, vec):
-        grids = [(triton.cdiv(vocab, block), dict(PEEL=False, MASKED=True))]
-    else:
-        grids = [(first_edge - 1, dict(PEEL=True, MASKED=False)),
-                 (1 + triton.cdiv(vocab + vec - 1, block) - first_edge, dict(PEEL=True, MASKED=True))]
+    first_edge, grids = peel_grids((s, t, g), ((s_so, s_si), (t_so, t_si), (g_so, g_si)), vocab, block)
     for programs, layout in grids:
-        if programs == 0:
-            continue
         _bwd_kernel[(n_rows, programs)](
             s, t, g, labels, active, stats, grad_rows,
             vocab, l1, first_edge,
             s_so, s_si, t_so, t_si, g_so, g_si, grad_rows.stride(0),
             *_launch_constants(spec),
-            BLOCK=block, num_warps=num_warps, SHARDED=sharded_labels, NATIVE=s.device.type != "cpu", VEC=vec,
+            BLOCK=block, num_warps=num_warps, SHARDED=sharded_labels, NATIVE=s.device.type != "cpu",
             **layout, **_flags(spec),
         )
     if g is not out:  # `out` could not be addressed as rows (only an exotic in-place target)

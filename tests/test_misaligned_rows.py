@@ -1,8 +1,8 @@
 """Rows that do not start 16-byte aligned (an odd V, GPT-2's 50257): the Triton backward tiles them from
 the aligned address before each row (PEEL) when s, t and the gradient lie equally far past one, in two
 grids: the interior blocks without a mask, then the edges (the first block and those from `first_edge`
-on) masked entry by entry. Every other layout keeps the one masked grid. (The raw forward's PEEL is
-tested in test_raw_forward.py.)"""
+on) masked entry by entry. Every other layout keeps the one masked grid. The top-k losses' student
+pass does the same. (The raw forward's PEEL is tested in test_raw_forward.py.)"""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import reference
-from csd_kernels import csd_loss, kl_loss
+from csd_kernels import csd_loss, kl_loss, topk_csd_loss
 from helpers import DEVICE, assert_close
 from test_fused_ce import fused_reference
+from test_topk import _teacher
 
 tb = pytest.importorskip("csd_kernels.kernels.triton_backend")
 
@@ -60,9 +61,12 @@ def _layout(layout, dtype, rows=6):
     return leaf, student, teacher
 
 
-# block: the backward's (4096 on CPU, one edge grid and no interior at V = 1201) and 256 (interior
-# blocks 1 .. 3, edges 0 and 4)
-@pytest.mark.parametrize("block", [None, 256], ids=["default-block", "block-256"])
+# block: the backward's (4096 on CPU, one edge grid and no interior at V = 1201), 1024 (no interior,
+# edges 0 and 1) and 256 (interior blocks 1 .. 3, edges 0 and 4)
+BLOCKS = pytest.mark.parametrize("block", [None, 1024, 256], ids=["default-block", "block-1024", "block-256"])
+
+
+@BLOCKS
 @pytest.mark.parametrize("layout, peel", [("contiguous", True), ("congruent-strides", True), ("offset", False),
                                           ("unlike-strides", False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -105,3 +109,48 @@ def test_backward_of_rows_not_16_byte_aligned(grids, monkeypatch, block, layout,
     else:
         expected_grids = [(-(-VOCAB // used), False, True)]
     assert grids == expected_grids, grids
+
+
+@BLOCKS
+@pytest.mark.parametrize("layout, peel", [("contiguous", True), ("offset", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_topk_student_pass_of_rows_not_16_byte_aligned(monkeypatch, block, layout, peel, dtype):
+    """The top-k losses' student pass: its forward's sum over the row and its backward take PEEL on
+    the same layouts (the forward's first and last blocks masked, the backward in two grids)."""
+    tk = pytest.importorskip("csd_kernels.kernels.topk_triton")
+    if block is not None:
+        monkeypatch.setattr(tk, "block_config", lambda vocab: (block, 4))
+    seen = []
+    for name in ("_topk_fwd_kernel", "_topk_bwd_kernel"):
+        kernel = getattr(tk, name)
+
+        class Recorder:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                def launch(*args, **kwargs):
+                    seen.append((name, grid[-1] if name == "_topk_bwd_kernel" else 1, kwargs["PEEL"]))
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(tk, name, Recorder())
+    leaf, student, _ = _layout(layout, dtype)
+    ids, logprobs = _teacher(student.detach().float(), 8)
+    upstream = torch.linspace(0.5, 2.0, student.shape[0], device=DEVICE)
+    loss = topk_csd_loss(student, ids, logprobs, weighting="ts", backend="triton", reduction="none")
+    (grad,) = torch.autograd.grad(loss, leaf, upstream)
+    exact = student.detach().double().requires_grad_(True)
+    expected = reference.topk_csd_loss(exact, ids, logprobs, weighting="ts", reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected, exact, upstream.double())
+    assert_close(loss, expected, dtype=torch.float32, name="loss")
+    if layout == "offset":
+        grad = grad[:, 1:VOCAB + 1]
+    assert_close(grad, expected_grad, dtype=dtype, name="gradient")
+    used = block or tk.block_config(VOCAB)[0]
+    first_edge = max(VOCAB // used, 1)
+    backward = [(p, layout_peel) for name, p, layout_peel in seen if name == "_topk_bwd_kernel"]
+    assert [p for name, _, p in seen if name == "_topk_fwd_kernel"] == [peel], seen
+    if peel:
+        vec = 16 // student.element_size()
+        grids = [(first_edge - 1, True), (1 + -(-(VOCAB + vec - 1) // used) - first_edge, True)]
+        assert backward == [g for g in grids if g[0]], seen
+    else:
+        assert backward == [(-(-VOCAB // used), False)], seen

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .triton_backend import (LOG2E, _peel_base, _peel_block, _per_row, _row_base, _row_offset, _rows, block_config,
-                             peel_grids)
+                             peel_grids, peels)
 
 NEG_INF = tl.constexpr(float("-inf"))
 NAN = tl.constexpr(float("nan"))
@@ -60,12 +60,25 @@ def _term(x, r):
 
 
 @triton.jit
-def _sum_pass(s_row, V, r, BLOCK: tl.constexpr):
-    # Per-lane fp64 sums: no cross-thread reduction inside the loop.
+def _sum_pass(s_tile, V, r, mis, BLOCK: tl.constexpr, PEEL: tl.constexpr):
+    # Per-lane fp64 sums: no cross-thread reduction inside the loop. PEEL (rows that do not start
+    # 16-byte aligned, triton_backend's `peels`): s_tile is the aligned address `mis` entries before the
+    # row, so that the blocks after the first move in 128 bits; the first and the last are masked.
     z = tl.zeros([BLOCK], dtype=tl.float64)
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        z += _term(tl.load(s_row + cols, mask=cols < V, other=NEG_INF).to(tl.float32), r)
+    if PEEL:
+        hi = V + mis
+        cols = tl.arange(0, BLOCK)
+        z += _term(tl.load(s_tile + cols, mask=(cols >= mis) & (cols < hi), other=NEG_INF).to(tl.float32), r)
+        full = hi // BLOCK
+        for start in range(BLOCK, full * BLOCK, BLOCK):
+            z += _term(tl.load(s_tile + start + tl.arange(0, BLOCK)).to(tl.float32), r)
+        if (full >= 1) & (full * BLOCK < hi):
+            cols = full * BLOCK + tl.arange(0, BLOCK)
+            z += _term(tl.load(s_tile + cols, mask=cols < hi, other=NEG_INF).to(tl.float32), r)
+    else:
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z += _term(tl.load(s_tile + cols, mask=cols < V, other=NEG_INF).to(tl.float32), r)
     return tl.sum(z, axis=0)
 
 
@@ -97,9 +110,11 @@ def _topk_fwd_kernel(
     s_ptr, ids_ptr, active_ptr, support_ptr, tail_ptr,
     V, K, L1, s_so, s_si,
     BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, STREAM: tl.constexpr,
+    PEEL: tl.constexpr = False, VEC: tl.constexpr = 1,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = _row_base(s_ptr, row, L1, s_so, s_si)
+    s_off = _row_offset(row, L1, s_so, s_si)
+    s_row = s_ptr + s_off
     ids_row = ids_ptr + row * K
     # The support logits, and their maximum: the pass's reference r.
     r = tl.full([], NEG_INF, dtype=tl.float32)
@@ -115,7 +130,10 @@ def _topk_fwd_kernel(
         tail = tl.full([], NEG_INF, dtype=tl.float32)
         if tl.load(active_ptr + row):
             r = tl.where((r > NEG_INF) & (r < float("inf")), r, 0.0)  # no finite support logit: any r
-            z = _sum_pass(s_row, V, r, BLOCK)
+            mis = tl.zeros([], tl.int32)
+            if PEEL:
+                mis = (s_off % VEC).to(tl.int32)
+            z = _sum_pass(_peel_base(s_ptr, s_off, mis, VEC, PEEL), V, r, mis, BLOCK, PEEL)
             z_support = tl.zeros([], dtype=tl.float64)
             for k0 in range(0, K, K_BLOCK):
                 kk = k0 + tl.arange(0, K_BLOCK)
@@ -198,6 +216,7 @@ def student_pass(student: torch.Tensor, ids: torch.Tensor, active: torch.Tensor,
         s, ids, _per_row(active, n_rows), support, tail,
         student.shape[-1], k, l1, s_so, s_si,
         BLOCK=block, K_BLOCK=_k_block(k), STREAM=stream, num_warps=num_warps,
+        PEEL=stream and peels((s,), ((s_so, s_si),)), VEC=16 // s.element_size(),
     )
     return support, tail
 

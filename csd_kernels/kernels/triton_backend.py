@@ -1134,6 +1134,13 @@ def _peelable(tensors, strides, vec: int) -> bool:
         and all((o - so) % vec == 0 and (i - si) % vec == 0 for o, i in strides)
 
 
+def peels(tensors, strides) -> bool:
+    """Whether rows of `tensors` (`strides`: each one's (outer, inner)) take PEEL: they do not start
+    16-byte aligned as Triton's specialisation can prove (`_aligned`), and can be tiled from the
+    aligned address before them (`_peelable`)."""
+    return not _aligned(tensors, sum(strides, ())) and _peelable(tensors, strides, 16 // tensors[0].element_size())
+
+
 def peel_grids(tensors, strides, vocab: int, block: int):
     """(first_edge, [(programs per row, layout constexprs)]) of a backward over rows of `tensors`
     (`strides`: each one's (outer, inner)) in blocks of `block` entries (`_peel_block`): one masked
@@ -1141,7 +1148,7 @@ def peel_grids(tensors, strides, vocab: int, block: int):
     and its edges'."""
     vec = 16 // tensors[0].element_size()
     first_edge = max(vocab // block, 1)
-    if _aligned(tensors, sum(strides, ())) or not _peelable(tensors, strides, vec):
+    if not peels(tensors, strides):
         return first_edge, [(triton.cdiv(vocab, block), dict(PEEL=False, MASKED=True, VEC=vec))]
     grids = [(first_edge - 1, dict(PEEL=True, MASKED=False, VEC=vec)),
              (1 + triton.cdiv(vocab + vec - 1, block) - first_edge, dict(PEEL=True, MASKED=True, VEC=vec))]
@@ -1192,7 +1199,7 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
     if raw or (partials is None and RAW_FORWARD):
         block, num_warps, sub, lanes, vec = forward_config(vocab, student.element_size(), RAW_WARPS)
         raw_layout = dict(ALIGNED=aligned, WORDS=words, PEEL=False)
-        if not aligned and _peelable((s, t), ((s_so, s_si), (t_so, t_si)), vec):
+        if peels((s, t), ((s_so, s_si), (t_so, t_si))):
             raw_layout = dict(ALIGNED=True, WORDS=s.dtype == t.dtype == torch.bfloat16, PEEL=True)
         cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
         redo = torch.empty(n_rows if partials is None else 0, dtype=torch.int8, device=device)

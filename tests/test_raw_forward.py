@@ -13,6 +13,7 @@ import torch
 import reference
 from csd_kernels import csd_loss
 from helpers import DEVICE, assert_close, loss_and_grad
+from test_fused_ce import fused_reference
 
 tb = pytest.importorskip("csd_kernels.kernels.triton_backend")
 
@@ -194,7 +195,7 @@ def _spy_on_peel(monkeypatch):
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                seen.append(kwargs["PEEL"])
+                seen.append((kwargs["PEEL"], kwargs["EDGE_WORDS"]))
                 return raw[grid](*args, **kwargs)
             return launch
 
@@ -203,15 +204,17 @@ def _spy_on_peel(monkeypatch):
 
 
 @pytest.mark.parametrize("weighting", ["ts", "us", MIX], ids=["ts", "us", "mix"])
-@pytest.mark.parametrize("layout, peel", [("rows", True), ("wider-rows", True), ("offset", False),
-                                          ("unlike-strides", False)])
+@pytest.mark.parametrize("layout, peel", [("rows", True), ("even-rows", True), ("wider-rows", True),
+                                          ("offset", False), ("unlike-strides", False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_rows_not_16_byte_aligned(redone, monkeypatch, weighting, layout, peel, dtype):
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5], ids=["csd", "csd+ce"])
+def test_rows_not_16_byte_aligned(redone, monkeypatch, weighting, layout, peel, dtype, ce_weight):
     """Rows that do not start 16-byte aligned (V = 1201, odd as GPT-2's 50257) are tiled from the aligned
     address before them (PEEL: 128-bit loads inside the range, its first and last blocks masked) when s
     and t lie equally far past one; a pointer that is not 16-byte aligned, or s and t at different
     offsets from one, keep the entry-wise layout. -inf at both ends of rows and a prefix longer than a
-    block (512 entries in bf16, 256 in fp32)."""
+    block (512 entries in bf16, 256 in fp32). bf16 edges load as whole words (EDGE_WORDS) where the
+    storage holds the entry after the last row's end: not for 5 contiguous rows of 1201 (N V odd)."""
     seen = _spy_on_peel(monkeypatch)
     torch.manual_seed(3)
     vocab = 1201
@@ -219,6 +222,8 @@ def test_rows_not_16_byte_aligned(redone, monkeypatch, weighting, layout, peel, 
     wide_t = (wide_s.float() + torch.randn(5, vocab + 9, device=DEVICE)).to(dtype)
     student, teacher = {
         "rows": (wide_s[:, :vocab].contiguous(), wide_t[:, :vocab].contiguous()),
+        # a sixth row: N V even
+        "even-rows": (torch.cat([wide_s[:, :vocab], wide_s[:1, 9:]]), torch.cat([wide_t[:, :vocab], wide_t[:1, 9:]])),
         "wider-rows": (wide_s[:, :vocab], wide_t[:, :vocab]),
         "offset": (wide_s[:, 1:vocab + 1], wide_t[:, 1:vocab + 1]),
         "unlike-strides": (wide_s[:, :vocab].contiguous(), wide_t[:, :vocab]),
@@ -228,10 +233,18 @@ def test_rows_not_16_byte_aligned(redone, monkeypatch, weighting, layout, peel, 
     teacher[2, vocab - 2:] = -math.inf
     student[3, :700] = -math.inf
     # the forward alone: loss_and_grad's copy of the student would change its layout
-    loss = csd_loss(student, teacher, backend="triton", reduction="none", weighting=weighting)
-    expected = reference.csd_loss(student.double(), teacher.double(), reduction="none", weighting=weighting)
+    if ce_weight:  # the fused CE sums every finite s: a word's half outside the range must not add
+        labels = torch.tensor([1, vocab - 1, 0, 900, 260] + [7] * (student.shape[0] - 5), device=DEVICE)
+        loss = csd_loss(student, teacher, backend="triton", reduction="none", weighting=weighting, labels=labels,
+                        ce_weight=ce_weight)
+        expected = fused_reference(student.double(), teacher.double(), reduction="none", weighting=weighting,
+                                   labels=labels, ce_weight=ce_weight)
+    else:
+        loss = csd_loss(student, teacher, backend="triton", reduction="none", weighting=weighting)
+        expected = reference.csd_loss(student.double(), teacher.double(), reduction="none", weighting=weighting)
     assert_close(loss, expected, dtype=torch.float32, name="loss")
-    assert seen and all(p == peel for p in seen), seen
+    edge_words = peel and dtype == torch.bfloat16 and layout != "rows"
+    assert seen and all(p == (peel, edge_words) for p in seen), seen
     # unsplit no row is redone; split, the row whose first program's range holds no entry (row 3) is
     programs = tb.split_count(5, vocab, 512, student.device)  # the fixture's
     assert redone == [0 if programs == 1 else 1], redone

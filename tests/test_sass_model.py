@@ -90,11 +90,10 @@ def test_issue_bound_does_not_regress(model_rows):
 
 
 def test_issue_bound_meets_the_targets(model_rows):
-    """Every variant at V = 32000; at V = 50257 the unsplit forward and the backward (the split
-    forward's masked edges, entry by entry in each program, keep it just under: reported in the CSV)."""
+    """Every variant, at V = 32000 and at the misaligned V = 50257 (an even number of rows: their
+    masked edges load as whole words)."""
     low = [f"{_key(r)} V={r['vocab']}: {r['issue_bound_tbps']} < {r['target_tbps']}" for r in model_rows
-           if (r["vocab"] == "32000" or r["kernel"] != "forward-split") and r["target_tbps"]
-           and float(r["issue_bound_tbps"]) < float(r["target_tbps"])]
+           if r["target_tbps"] and float(r["issue_bound_tbps"]) < float(r["target_tbps"])]
     assert not low, low
 
 

@@ -150,7 +150,7 @@ def _peel_base(ptr, offset, mis, VEC: tl.constexpr, PEEL: tl.constexpr):
 
 @triton.jit
 def _load_block(s_row, t_row, base, offs, stop, MASKED: tl.constexpr, NATIVE: tl.constexpr = False,
-                WORDS: tl.constexpr = False, lo=0, EDGES: tl.constexpr = False):
+                WORDS: tl.constexpr = False, lo=0, EDGES: tl.constexpr = False, EDGE_WORDS: tl.constexpr = False):
     # Entries base + offs of both rows. Upcast right after the load: fp32 arithmetic everywhere (bf16
     # arithmetic is also wrong under the interpreter). Out-of-range lanes read -inf, i.e. they look like
     # masked vocabulary. Full blocks (MASKED False) need no range test.
@@ -158,8 +158,10 @@ def _load_block(s_row, t_row, base, offs, stop, MASKED: tl.constexpr, NATIVE: tl
     # their minimum, which is exact in any dtype. NATIVE takes it in the logits' own dtype (two bf16
     # entries per instruction on a GPU); the interpreter cannot take a bf16 minimum. EDGES (a masked
     # block of a peeled row, see _fwd_raw_kernel): the range is [lo, stop), which need not fall on words,
-    # so such a block loads entry by entry (a word across an edge would read outside the row).
-    if WORDS and MASKED and EDGES:  # the word layout's entries, as entries
+    # so such a block loads entry by entry (a word across the last row's end would read past the
+    # tensor), or, EDGE_WORDS (the launcher checked that the storage holds that word), in whole words
+    # whose halves outside the range are then set to -inf.
+    if WORDS and MASKED and EDGES and not EDGE_WORDS:  # the word layout's entries, as entries
         shape: tl.constexpr = [offs.shape[0], offs.shape[1], 2 * offs.shape[2]]
         cols = base + tl.join(2 * offs, 2 * offs + 1).reshape(shape)
         in_range = (cols >= lo) & (cols < stop)
@@ -174,6 +176,8 @@ def _load_block(s_row, t_row, base, offs, stop, MASKED: tl.constexpr, NATIVE: tl
         t_words = (t_row + base).to(tl.pointer_type(tl.int32)) + offs
         if MASKED:
             in_range = base + 2 * offs < stop  # rows of whole words (V even)
+            if EDGES:  # the words with an entry in [lo, stop)
+                in_range = in_range & (base + 2 * offs + 1 >= lo)
             w_s = tl.load(s_words, mask=in_range, other=-8323200)
             w_t = tl.load(t_words, mask=in_range, other=-8323200)
         else:
@@ -184,6 +188,11 @@ def _load_block(s_row, t_row, base, offs, stop, MASKED: tl.constexpr, NATIVE: tl
                     (w_s & -65536).to(tl.float32, bitcast=True)).reshape(shape)
         t = tl.join((w_t << 16).to(tl.float32, bitcast=True),
                     (w_t & -65536).to(tl.float32, bitcast=True)).reshape(shape)
+        if MASKED and EDGES:  # a word's half outside the range: -inf (the fused CE sums every finite s)
+            cols = base + tl.join(2 * offs, 2 * offs + 1).reshape(shape)
+            inside = (cols >= lo) & (cols < stop)
+            s = tl.where(inside, s, float("-inf"))
+            t = tl.where(inside, t, float("-inf"))
         valid = tl.minimum(s, t) != float("-inf")
     else:
         cols = base + offs
@@ -672,11 +681,12 @@ def _raw_block(
     z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
     MASKED: tl.constexpr, NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_U: tl.constexpr, CE: tl.constexpr,
     SHARE_CE: tl.constexpr, SUB: tl.constexpr, ENTRIES: tl.constexpr, NATIVE: tl.constexpr, WORDS: tl.constexpr,
-    EDGES: tl.constexpr,
+    EDGES: tl.constexpr, EDGE_WORDS: tl.constexpr,
 ):
     # One block, SUB sub-tiles one after the other, into the per-entry sums (one chain each).
     for i in tl.static_range(SUB):
-        s, t, valid = _load_block(s_row, t_row, base + i * ENTRIES, inner, V, MASKED, NATIVE, WORDS, lo, EDGES)
+        s, t, valid = _load_block(s_row, t_row, base + i * ENTRIES, inner, V, MASKED, NATIVE, WORDS, lo, EDGES,
+                                  EDGE_WORDS)
         d = s - t - c  # unmasked: every sum below adds only the row's entries
         q = d * d  # d^2 once, for every base
         if NEED_S:
@@ -708,7 +718,7 @@ def _fwd_raw_kernel(
     CE: tl.constexpr, COMPONENTS: tl.constexpr, BLOCK: tl.constexpr,
     LEAD: tl.constexpr, SUB: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, NATIVE: tl.constexpr,
     ALIGNED: tl.constexpr, WORDS: tl.constexpr, SHARE_CE: tl.constexpr, SPLIT: tl.constexpr,
-    RETRY: tl.constexpr = False, PEEL: tl.constexpr = False,
+    RETRY: tl.constexpr = False, PEEL: tl.constexpr = False, EDGE_WORDS: tl.constexpr = False,
 ):
     # The fast forward (see "The raw forward" above): raw sums per entry around a fixed reference and
     # shift, taken from the range's first block with a valid entry. Unsplit, a row whose sums cannot
@@ -717,7 +727,8 @@ def _fwd_raw_kernel(
     # (row, p) writes raw partials (stats.P_* with S2 in place of M2) for `_merge_kernel` (RAW).
     # PEEL: rows that do not start 16-byte aligned (V = 50257) are tiled from the aligned address before
     # them, `mis` entries early (the same for s and t, `_peelable`): the blocks inside the range load in
-    # 128 bits; the first and the last are masked to the range [lo, hi) of the tiles' columns.
+    # 128 bits; the first and the last are masked to the range [lo, hi) of the tiles' columns, entry by
+    # entry or, EDGE_WORDS, in whole 32-bit words (`_load_block`).
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     if RETRY:  # active_ptr is redo_ptr: only the rows the first pass flagged with 1
@@ -755,7 +766,7 @@ def _fwd_raw_kernel(
     ref_t = count
     while (count == 0.0) & (start + first * BLOCK < stop):
         s, t, valid = _load_block(s_tile, t_tile, start + first * BLOCK, offs_block, stop, True, NATIVE, WORDS,
-                                  lo, PEEL)
+                                  lo, PEEL, EDGE_WORDS)
         count = tl.sum(tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=0), axis=0)
         c = _first_shift(s, t, valid, count, LEAD)
         ref_s = tl.max(tl.max(tl.max(tl.where(valid, s, float("-inf")), axis=2), axis=0), axis=0)
@@ -792,18 +803,18 @@ def _fwd_raw_kernel(
             z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = _raw_block(
                 s_tile, t_tile, start, inner, lo, stop, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
                 z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
-                True, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS, True)
+                True, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS, True, EDGE_WORDS)
             begin = 1
     for j in range(begin, full):  # whole blocks without a range mask
         z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = _raw_block(
             s_tile, t_tile, start + j * BLOCK, inner, lo, stop, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
             z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
-            False, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS, False)
+            False, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS, False, False)
     if (start + full * BLOCK < stop) & (full >= begin):  # the last block (unless it was the first)
         z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1 = _raw_block(
             s_tile, t_tile, start + full * BLOCK, inner, lo, stop, c, r_s, r_t, ref_s, ref_1, s_scale, t_scale,
             z_s, s1_s, s2_s, z_t, s1_t, s2_t, n, s1_u, s2_u, z_1,
-            True, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS, PEEL)
+            True, NEED_S, NEED_T, NEED_U, CE, SHARE_CE, SUB, ENTRIES, NATIVE, WORDS, PEEL, EDGE_WORDS)
     # The per-entry sums summed, and taken back to the references.
     z_s, mu_s, s2_s = _raw_moments(z_s, s1_s, s2_s, fix_s)
     z_t, mu_t, s2_t = _raw_moments(z_t, s1_t, s2_t, fix_t)
@@ -1134,6 +1145,15 @@ def _peelable(tensors, strides, vec: int) -> bool:
         and all((o - so) % vec == 0 and (i - si) % vec == 0 for o, i in strides)
 
 
+def _holds_last_word(x: torch.Tensor) -> bool:
+    """Whether x's storage holds the whole 32-bit word of x's last entry, so that a peeled bf16 row's
+    word across its end stays inside it (EDGE_WORDS; a fresh (N, V) tensor with N V odd ends half a
+    word short)."""
+    # entries counted from the storage's start, as 16-byte aligned as x's (PEEL): words start at even ones
+    end = x.storage_offset() + sum((n - 1) * k for n, k in zip(x.shape, x.stride())) + 1
+    return (end + end % 2) * x.element_size() <= x.untyped_storage().nbytes()
+
+
 def peels(tensors, strides) -> bool:
     """Whether rows of `tensors` (`strides`: each one's (outer, inner)) take PEEL: they do not start
     16-byte aligned as Triton's specialisation can prove (`_aligned`), and can be tiled from the
@@ -1198,9 +1218,11 @@ def _launch_forward(student, teacher, active, labels, spec, components, programs
                   NATIVE=student.device.type != "cpu", ALIGNED=aligned, WORDS=words, **_flags(spec))
     if raw or (partials is None and RAW_FORWARD):
         block, num_warps, sub, lanes, vec = forward_config(vocab, student.element_size(), RAW_WARPS)
-        raw_layout = dict(ALIGNED=aligned, WORDS=words, PEEL=False)
+        raw_layout = dict(ALIGNED=aligned, WORDS=words, PEEL=False, EDGE_WORDS=False)
         if peels((s, t), ((s_so, s_si), (t_so, t_si))):
-            raw_layout = dict(ALIGNED=True, WORDS=s.dtype == t.dtype == torch.bfloat16, PEEL=True)
+            bf16 = s.dtype == t.dtype == torch.bfloat16
+            raw_layout = dict(ALIGNED=True, WORDS=bf16, PEEL=True,
+                              EDGE_WORDS=bf16 and _holds_last_word(s) and _holds_last_word(t))
         cols_per_program = triton.cdiv(triton.cdiv(vocab, block), programs) * block
         redo = torch.empty(n_rows if partials is None else 0, dtype=torch.int8, device=device)
         # Unsplit: the raw pass, its second pass over the rows it flags 1, the exact pass over those

@@ -35,8 +35,10 @@ def _worker(rank, world, init_file, out_file, archs):
             grads = {n: safe_get_full_grad(p).detach().clone() for n, p in student.named_parameters()}
             records[arch] = {"loss": loss.detach(), "grads": grads, "partitioned": partitioned,
                              "head_parameters": len(head)}
+            engine.destroy()  # its hooks, partitioned parameters and communication state, before the next
         if rank == 0:
             torch.save(records, out_file)
+        dist.barrier()  # no rank tears its process group down while the other still communicates
     finally:
         dist.destroy_process_group()
 

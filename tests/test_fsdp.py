@@ -104,7 +104,11 @@ def run_against_one_process(worker, archs):
     one unsharded process; returns rank 0's records {arch: record} for further checks."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), out, archs), nprocs=2, join=True)
+        try:
+            mp.spawn(worker, args=(2, os.path.join(tmp, "init"), out, archs), nprocs=2, join=True)
+        except mp.ProcessExitedException as error:  # a crash, not an exception: say when it happened
+            when = "after rank 0 saved its results" if os.path.exists(out) else "before rank 0 saved its results"
+            raise AssertionError(f"{error} ({when})") from error
         records = torch.load(out)
     for arch in archs:
         student, teacher = _models(arch)

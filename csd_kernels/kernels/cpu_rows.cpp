@@ -17,10 +17,11 @@
 // converted masks; the forward then took about twice as long as the same passes written here (2 cores,
 // fp32, N = 2048, V = 32000: "ss" passes 59 -> 36 ms).
 //
-// Each row is swept three times for all its bases together (maxima, centres, moments: `one_row`); the row
-// (2V values) stays in the core's L2 cache between sweeps, so only the first sweep reads memory. Sums are
-// kept in fp32 vector registers over blocks of BLOCK entries (BLOCK / W terms per lane) and added across
-// blocks in double, so they are as precise as a pairwise sum. The validity test follows the contract:
+// Each row is swept twice for all its bases together (maxima and where the modes lie, then moments:
+// `one_row`), three times where a softmax's mode is tied (the centres); the row (2V values) stays in the
+// core's L2 cache between sweeps, so only the first sweep reads memory. Sums are kept in fp32 vector
+// registers over blocks of BLOCK entries (BLOCK / W terms per lane) and added across blocks in double, so
+// they are as precise as a pairwise sum. The validity test follows the contract:
 // -inf excluded, NaN kept (it propagates through the maximum and the exponentials into Z).
 
 #include <torch/extension.h>
@@ -149,68 +150,118 @@ struct Plan {
 // Accumulator slots of the moments sweep: (Z, S1, S2) of S and T, (S1, S2) of U, Z of CE.
 enum Acc : int { ZS, S1S, S2S, ZT, S1T, S2T, S1U, S2U, ZCE, ACCS };
 
-// All bases of one row in three sweeps, whichever bases the loss needs: (1) n, the sum of d and every
-// softmax's maximum; (2) the centres, d at each softmax's mode (only with second moments); (3) the
-// moments of every base. Each sweep loads s and t once for all bases (a separate sweep per base cost "ts"
-// about a third more). When the cross-entropy's softmax has S's scale and maximum (temperature 1 and a
-// finite teacher at the student's top entry), both take their weights from one exponential.
+// Where a softmax's mode lies, lane by lane, from the row's first sweep: each lane keeps its largest x
+// (m), d at the first entry that reached it, and whether a later entry tied it. When exactly one lane
+// holds the row's maximum and saw no tie, the mode is one entry and its d is the centre, exactly as the
+// ties sweep would find it; otherwise (ties at the mode, a NaN maximum, no entry) that sweep runs.
+struct ModeLanes {
+  Vec top{NEG_INF}, d_top{0.f}, tied{0.f};
+
+  inline void add(const Vec& x, const Vec& d) {  // x is -inf outside the base's entries
+    const Vec gt = x > top;
+    tied = Vec::blendv(tied | (x == top), Vec(0.f), gt);  // ties at -inf never reach a finite maximum
+    d_top = Vec::blendv(d_top, d, gt);
+    top = at::vec::maximum(top, x);
+  }
+
+  // The centre d at a mode of one entry, or NaN where the ties sweep has to decide.
+  inline float centre(float m) const {
+    alignas(64) float lanes[W], ds[W], ties[W];
+    top.store(lanes), d_top.store(ds), tied.store(ties);
+    int64_t holders = 0;
+    float d = std::numeric_limits<float>::quiet_NaN();
+    for (int64_t i = 0; i < W; ++i) {
+      if (lanes[i] == m) {
+        ++holders;
+        d = ds[i];
+        if (ties[i] != 0.f) ++holders;  // any bit set: the lane saw another entry at m
+      }
+    }
+    return holders == 1 && std::isfinite(m) ? d : std::numeric_limits<float>::quiet_NaN();
+  }
+};
+
+// All bases of one row in at most three sweeps, whichever bases the loss needs: (1) n, the sum of d and
+// every softmax's maximum, with where it lies (ModeLanes); (2) only where a softmax's mode is tied, the
+// centres, d at each softmax's mode averaged over its ties (only with second moments); (3) the moments
+// of every base. Given centres (`given`, one a base in slot order: a second pass over rows whose moments
+// cancelled around the first pass's) replace those of (1) and (2). Each sweep loads s and t once for all bases (a separate sweep per base cost "ts" about a
+// third more). When the cross-entropy's softmax has S's scale and maximum (temperature 1 and a finite
+// teacher at the student's top entry), both take their weights from one exponential.
 template <typename XS, typename XT>
-void one_row(const Row<XS, XT>& row, const Plan& plan, float* out) {
+void one_row(const Row<XS, XT>& row, const Plan& plan, const float* given, float* out) {
   const bool hs = plan.has[S], ht = plan.has[T], hu = plan.has[U], hce = plan.has[CE];
+  const bool modes = plan.second && given == nullptr;
   const Vec inf(NEG_INF), one(1.f);
-  Vec top_s(NEG_INF), top_t(NEG_INF), top_ce(NEG_INF);
+  ModeLanes lane_s, lane_t;
+  Vec top_ce(NEG_INF);
   const auto nd = row.template sums<2>([&](const Vec& s, const Vec& t, std::array<Vec, 2>& acc) {
-    const Vec ok = entries(s, t);
+    const Vec ok = entries(s, t), d = s - t;
     acc[0] = acc[0] + (one & ok);
-    acc[1] = acc[1] + ((s - t) & ok);
-    if (hs) top_s = at::vec::maximum(top_s, Vec::blendv(inf, s, ok));
-    if (ht) top_t = at::vec::maximum(top_t, Vec::blendv(inf, t, ok));
+    acc[1] = acc[1] + (d & ok);
+    if (hs) {
+      const Vec x = Vec::blendv(inf, s, ok);
+      if (modes) lane_s.add(x, d); else lane_s.top = at::vec::maximum(lane_s.top, x);
+    }
+    if (ht) {
+      const Vec x = Vec::blendv(inf, t, ok);
+      if (modes) lane_t.add(x, d); else lane_t.top = at::vec::maximum(lane_t.top, x);
+    }
     if (hce) top_ce = at::vec::maximum(top_ce, Vec::blendv(inf, s, s != inf));
   });
   const float count = static_cast<float>(nd[0]);
   const float mean_d = static_cast<float>(nd[1] / std::max(nd[0], 1.0));
-  float m[4] = {hmax(top_s), hmax(top_t), 0.f, hmax(top_ce)};
+  float m[4] = {hmax(lane_s.top), hmax(lane_t.top), 0.f, hmax(top_ce)};
   float centre[4] = {mean_d, mean_d, mean_d, mean_d};
-  if (plan.second && (hs || ht)) {  // d at the mode, averaged over ties
-    const Vec mode_s(m[S]), mode_t(m[T]);
-    const auto h = row.template sums<4>([&](const Vec& s, const Vec& t, std::array<Vec, 4>& acc) {
-      const Vec ok = entries(s, t), d = s - t;
-      if (hs) {
-        const Vec hit = ok & (s == mode_s);
-        acc[0] = acc[0] + (d & hit);
-        acc[1] = acc[1] + (one & hit);
-      }
-      if (ht) {
-        const Vec hit = ok & (t == mode_t);
-        acc[2] = acc[2] + (d & hit);
-        acc[3] = acc[3] + (one & hit);
-      }
-    });
-    if (hs) centre[S] = static_cast<float>(h[0] / std::max(h[1], 1.0));
-    if (ht) centre[T] = static_cast<float>(h[2] / std::max(h[3], 1.0));
+  if (modes && (hs || ht)) {
+    if (hs) centre[S] = lane_s.centre(m[S]);
+    if (ht) centre[T] = lane_t.centre(m[T]);
+    const bool tie_s = hs && std::isnan(centre[S]), tie_t = ht && std::isnan(centre[T]);
+    if (tie_s || tie_t) {  // d at the mode, averaged over ties
+      const Vec mode_s(m[S]), mode_t(m[T]);
+      const auto h = row.template sums<4>([&](const Vec& s, const Vec& t, std::array<Vec, 4>& acc) {
+        const Vec ok = entries(s, t), d = s - t;
+        if (tie_s) {
+          const Vec hit = ok & (s == mode_s);
+          acc[0] = acc[0] + (d & hit);
+          acc[1] = acc[1] + (one & hit);
+        }
+        if (tie_t) {
+          const Vec hit = ok & (t == mode_t);
+          acc[2] = acc[2] + (d & hit);
+          acc[3] = acc[3] + (one & hit);
+        }
+      });
+      if (tie_s) centre[S] = static_cast<float>(h[0] / std::max(h[1], 1.0));
+      if (tie_t) centre[T] = static_cast<float>(h[2] / std::max(h[3], 1.0));
+    }
+  }
+  if (given != nullptr) {
+    for (int b : {S, T, U}) centre[b] = plan.has[b] ? given[plan.slot[b]] : centre[b];
   }
   // A base without entries has m = -inf: its exponentials are masked to 0, around a shift of 0.
   auto shift = [&](int b) { return Vec((m[b] == NEG_INF ? 0.f : m[b]) * plan.scale[b]); };
   const Vec shift_s = shift(S), shift_t = shift(T), shift_ce = shift(CE);
   const Vec step_s(plan.scale[S]), step_t(plan.scale[T]), step_ce(plan.scale[CE]);
-  const Vec c_s(centre[S]), c_t(centre[T]), c_u(mean_d);
+  const Vec c_s(centre[S]), c_t(centre[T]), c_u(centre[U]);
   const bool shared = hs && hce && plan.scale[S] == plan.scale[CE] && m[S] == m[CE];
   const bool second = plan.second;
   const auto mo = row.template sums<ACCS>([&](const Vec& s, const Vec& t, std::array<Vec, ACCS>& acc) {
-    const Vec ok = entries(s, t), d = s - t;
+    // d is masked once for all bases: outside the entries p = 0 and e = -c_B is finite, so p e adds 0
+    const Vec ok = entries(s, t), d = (s - t) & ok;
     Vec q(0.f);  // the cross-entropy's weights, every finite s
     if (hce) q = exp2_fast(at::vec::fmsub(s, shared ? step_s : step_ce, shared ? shift_s : shift_ce)) & (s != inf);
     if (hce) acc[ZCE] = acc[ZCE] + q;
     if (hs) {
       const Vec p = shared ? (q & ok) : (exp2_fast(at::vec::fmsub(s, step_s, shift_s)) & ok);
-      const Vec e = (d - c_s) & ok, pe = p * e;
+      const Vec e = d - c_s, pe = p * e;
       acc[ZS] = acc[ZS] + p;
       acc[S1S] = acc[S1S] + pe;
       if (second) acc[S2S] = at::vec::fmadd(pe, e, acc[S2S]);
     }
     if (ht) {
       const Vec p = exp2_fast(at::vec::fmsub(t, step_t, shift_t)) & ok;
-      const Vec e = (d - c_t) & ok, pe = p * e;
+      const Vec e = d - c_t, pe = p * e;
       acc[ZT] = acc[ZT] + p;
       acc[S1T] = acc[S1T] + pe;
       if (second) acc[S2T] = at::vec::fmadd(pe, e, acc[S2T]);
@@ -234,10 +285,11 @@ void one_row(const Row<XS, XT>& row, const Plan& plan, float* out) {
 
 template <typename XS, typename XT>
 void rows(const XS* s, const XT* t, int64_t n_rows, int64_t V, int64_t stride_s, int64_t stride_t,
-          const Plan& plan, float* out) {
+          const Plan& plan, const float* given, float* out) {
   at::parallel_for(0, n_rows, 1, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
-      one_row(Row<XS, XT>{s + r * stride_s, t + r * stride_t, V}, plan, out + r * plan.n_bases * COLUMNS);
+      one_row(Row<XS, XT>{s + r * stride_s, t + r * stride_t, V}, plan,
+              given == nullptr ? nullptr : given + r * plan.n_bases, out + r * plan.n_bases * COLUMNS);
     }
   });
 }
@@ -302,37 +354,41 @@ void gradient_rows(const XS* s_ptr, const XT* t_ptr, XG* g_ptr, const float* sta
       const float* st = stats + r * stride_stats;
       const Vec m_s(st[M_S]), lz_s(st[LOG2Z_S]), m_t(st[M_T]), lz_t(st[LOG2Z_T]), e1(st[E_W1]), e2(st[E_W2]);
       const Vec shift(st[SHIFT]), inv_n(st[INV_N]), m_1(st[M_1]), lz_1(st[LOG2Z_1]);
-      const Vec step_s(plan.scale_s), step_t(plan.scale_t), log2e(static_cast<float>(M_LOG2E)), half(0.5f);
-      const Vec zero(0.f), scale(grad_rows[r]);
+      const Vec step_s(plan.scale_s), step_t(plan.scale_t), log2e(static_cast<float>(M_LOG2E));
+      // The row's constant factors in one scalar each: the upstream gradient, the loss weights, CSD's 1/2
+      // and the KL divergences' 1/tau or 1/tau^2 (multiplied once a row rather than once an entry).
+      const float own = plan.kind == CSD ? 0.5f
+                        : plan.kind == KL_FORWARD ? 1.f / plan.temperature
+                                                  : 1.f / (plan.temperature * plan.temperature);
+      const Vec zero(0.f), scale_loss(grad_rows[r] * plan.csd_weight * own), scale_ce(grad_rows[r] * plan.ce_weight);
       const int64_t label = has_ce ? labels[r] : -1;
       // A label outside [0, V) makes the row NaN (no host check), unless it belongs to another shard.
       const bool bad_label = has_ce && !plan.sharded_labels && (label < 0 || label >= V);
       int64_t j = 0;
       row.sweep(0, V, [&](const Vec& s, const Vec& t) {
         const Vec dd = (s - t) - shift;
-        const Vec bs = need_s ? exp2_fast((s - m_s) * step_s - lz_s) : zero;
-        const Vec bt = need_t ? exp2_fast((t - m_t) * step_t - lz_t) : zero;
+        const Vec bs = need_s ? exp2_fast(at::vec::fmsub(s - m_s, step_s, lz_s)) : zero;
+        const Vec bt = need_t ? exp2_fast(at::vec::fmsub(t - m_t, step_t, lz_t)) : zero;
         Vec g;
         if (plan.kind == CSD) {
-          g = half * (mix(plan.w2, bs, bt, inv_n) * (dd - e1) + mix(plan.w1, bs, bt, inv_n) * (dd - e2));
+          g = mix(plan.w2, bs, bt, inv_n) * (dd - e1) + mix(plan.w1, bs, bt, inv_n) * (dd - e2);
         } else if (plan.kind == KL_FORWARD) {
-          g = (bs - bt) / Vec(plan.temperature);
+          g = bs - bt;
         } else {
-          g = bs * (dd - e1) / Vec(plan.temperature * plan.temperature);
+          g = bs * (dd - e1);
         }
-        g = Vec::blendv(zero, g, entries(s, t));
-        if (plan.csd_weight != 1.f) g = Vec(plan.csd_weight) * g;
+        g = scale_loss * Vec::blendv(zero, g, entries(s, t));
         if (has_ce) {  // softmax(s) - onehot(label)
-          Vec ce = exp2_fast((s - m_1) * log2e - lz_1);
+          Vec ce = exp2_fast(at::vec::fmsub(s - m_1, log2e, lz_1));
           if (label >= j && label < j + W) {
             alignas(64) float hot[W] = {};
             hot[label - j] = 1.f;
             ce = ce - Vec::loadu(hot);
           }
           if (bad_label) ce = Vec(std::numeric_limits<float>::quiet_NaN());
-          g = g + Vec(plan.ce_weight) * ce;
+          g = at::vec::fmadd(scale_ce, ce, g);
         }
-        store_vec(g_row + j, scale * g, std::min(W, V - j));
+        store_vec(g_row + j, g, std::min(W, V - j));
         j += W;
       });
     }
@@ -341,12 +397,17 @@ void gradient_rows(const XS* s_ptr, const XT* t_ptr, XG* g_ptr, const float* sta
 
 }  // namespace
 
-// (N, V) student and teacher logits with unit stride along V -> (N, len(bases), 6) float32.
+// (N, V) student and teacher logits with unit stride along V -> (N, len(bases), 6) float32; centres, where
+// given, (N, len(bases)) float32 (the CE's column unused).
 torch::Tensor row_passes(torch::Tensor student, torch::Tensor teacher, std::vector<int64_t> bases,
-                         std::vector<double> scales, bool second) {
+                         std::vector<double> scales, bool second, c10::optional<torch::Tensor> centres) {
   TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), "cpu_rows: (N, V) logits of one shape");
   TORCH_CHECK(student.stride(1) == 1 && teacher.stride(1) == 1, "cpu_rows: unit stride along V");
   TORCH_CHECK(bases.size() == scales.size(), "cpu_rows: one scale per base");
+  TORCH_CHECK(!centres || (centres->scalar_type() == at::kFloat && centres->is_contiguous() &&
+                           centres->dim() == 2 && centres->size(0) == student.size(0) &&
+                           centres->size(1) == static_cast<int64_t>(bases.size())),
+              "cpu_rows: (N, len(bases)) float32 centres");
   Plan plan;
   plan.second = second;
   plan.n_bases = static_cast<int64_t>(bases.size());
@@ -359,7 +420,8 @@ torch::Tensor row_passes(torch::Tensor student, torch::Tensor teacher, std::vect
                           student.options().dtype(at::kFloat));
   with_data(student, "student logits", [&](auto* s) {
     with_data(teacher, "teacher logits", [&](auto* t) {
-      rows(s, t, student.size(0), student.size(1), student.stride(0), teacher.stride(0), plan, out.data_ptr<float>());
+      rows(s, t, student.size(0), student.size(1), student.stride(0), teacher.stride(0), plan,
+           centres ? centres->data_ptr<float>() : nullptr, out.data_ptr<float>());
     });
   });
   return out;

@@ -8,22 +8,26 @@ cache between sweeps. Nothing of size N x V is materialised besides the gradient
 
 The forward is one call of `cpu_rows.cpp` (an OpenMP loop over rows). For every base the loss needs
 (S: x = s, T: x = t, U: x = 0, and the cross-entropy's softmax: x = s over every finite s, temperature
-1) it computes, in three sweeps of the row shared by all bases,
+1) it computes, in two or three sweeps of the row shared by all bases,
 
-    1:  the maximum m_B of x over the base's entries (and n and the sum of d);
-    2:  the centre c_B: d at the mode (the mean of d over the entries where x = m_B; for U, and for the
-        KL divergences, which need no second moment, the mean of d, so that they skip this sweep);
+    1:  the maximum m_B of x over the base's entries (and n and the sum of d), and where it lies: each
+        vector lane keeps d at its largest x and whether another entry tied it;
+    2:  the centre c_B: d at the mode, found by sweep 1 where the mode is one entry; the mean of d over
+        the entries where x = m_B in a sweep of its own where it is tied (for U, and for the KL
+        divergences, which need no second moment, the mean of d);
     3:  with p = exp2((x - m_B) log2(e) / tau_B) (1 for U) and e = d - c_B on the base's entries:
         Z_B = sum p, S1_B = sum p e, S2_B = sum p e^2 (the cross-entropy needs Z alone).
 
     Then E_B[d - c_B] = S1 / Z and M2_B = S2 - S1^2 / Z.
 
 The last subtraction cancels when the base's mean lies far from its centre compared with its spread:
-the relative error of M2 is about F * 2^-24 with F = S2 Z / (S2 Z - S1^2). F is small for almost every
-row (at the mode of a peaked distribution F ~ 1; a flat one has its mode within a few spreads of the
-mean), and a row where F > 16 for any base is redone, those rows only, by the chunked backend's exact
-streaming pass. Results agree with the chunked backend to fp32 rounding. float64 logits take the
-chunked backend's forward (the sweeps compute in fp32).
+the relative error of M2 is about F * 2^-24 with F = S2 Z / (S2 Z - S1^2). F is small for most rows (at
+the mode of a peaked distribution F ~ 1; a flat one has its mode within a few spreads of the mean). A
+row where F > 16 for any base is taken once more (those rows only, sweeps 1 and 3) around each base's
+mean from the first pass, c_B + S1 / Z, where F is 1 up to the rounding of that mean; a row that still
+cancels (none seen) is redone by the chunked backend's exact streaming pass. Results agree with the
+chunked backend to fp32 rounding. float64 logits take the chunked backend's forward (the sweeps compute
+in fp32).
 
 Everything after the passes (the losses, the backward's row statistics) is `torch_backend.finalize`
 on the (N, stats.PARTIAL) layout, and the backward is `torch_backend.gradient`'s formula, entry by entry
@@ -61,7 +65,7 @@ from . import stats as st
 from . import torch_backend
 from .torch_backend import LOG2E, _compute_dtype, finalize
 
-# Rows whose second moments cancel more than this factor (F above) are redone by the chunked backend.
+# Rows whose second moments cancel more than this factor (F above) are taken again around their means.
 _MAX_CANCELLATION = 16.0
 _RECOMPILE_LIMIT = 256
 # Inductor stores an intermediate that several reductions read, or that reads many buffers, as an
@@ -135,9 +139,10 @@ def _extension():
         return None
 
 
-def _passes(student, teacher, bases, scales, second):
-    """(N, V) logits -> (N, len(bases), 6): per base (m, c, Z, S1, S2, n), as `cpu_rows.cpp` defines them."""
-    return _extension().row_passes(student, teacher, list(bases), list(scales), second)
+def _passes(student, teacher, bases, scales, second, centres=None):
+    """(N, V) logits -> (N, len(bases), 6): per base (m, c, Z, S1, S2, n), as `cpu_rows.cpp` defines them;
+    `centres` (N, len(bases)) float32, where given, are the c of S, T and U."""
+    return _extension().row_passes(student, teacher, list(bases), list(scales), second, centres)
 
 
 def _gradient_impl(student, teacher, stats, active, labels, grad_rows, out, spec, sharded_labels):
@@ -175,13 +180,32 @@ def partials(student: torch.Tensor, teacher: torch.Tensor, active: torch.Tensor,
     bases = tuple(b for b in (S, T, U) if spec.needs(b)) + ((CE,) if spec.has_ce else ())
     scales = tuple((LOG2E / spec.temperature, LOG2E / spec.teacher_temperature, 0.0, LOG2E)[b] for b in bases)
     csd = spec.kind == "csd"  # the KL divergences need no second moments
-    sums = _passes(s, t, bases, scales, csd)
+    out, redo, centres = _partials_of(_passes(s, t, bases, scales, csd), bases, spec, csd)
+    # Rows whose moments cancelled: once more around each base's mean from this pass (c_B + E_B[d - c_B],
+    # where they cannot cancel but by rounding of that mean), and those that still do (none seen) by the
+    # chunked backend's Chan updates (exact; these rows only, no compilation).
+    rows = redo.nonzero().squeeze(1)  # CPU tensors: no device to synchronise with
+    if rows.numel():
+        again, still, _ = _partials_of(_passes(s[rows], t[rows], bases, scales, csd, centres[rows].contiguous()),
+                                       bases, spec, csd)
+        out[rows] = again
+        rows = rows[still]
+        if rows.numel():
+            out[rows] = torch_backend.partials(s[rows], t[rows], active[rows], None, spec)
+    return out
+
+
+def _partials_of(sums, bases, spec: LossSpec, csd: bool):
+    """The (N, stats.PARTIAL) row statistics from the row passes' columns, the rows whose second moments
+    cancel (F > 16 for any base) and each base's mean (N, len(bases)), the centre to take them again."""
+    n_rows = sums.shape[0]
     at = {b: sums[:, i] for i, b in enumerate(bases)}
-    out = torch.zeros(n_rows, st.PARTIAL, dtype=sums.dtype, device=student.device)
+    out = torch.zeros(n_rows, st.PARTIAL, dtype=sums.dtype, device=sums.device)
     shift = at[spec.lead_base][:, CENTRE]  # the lead base's centre is the row's shift c
     out[:, st.P_SHIFT] = shift
     out[:, st.P_N] = sums[:, 0, COUNT]  # the first base is S, T or U: its entries are the row's
     redo = torch.zeros(n_rows, dtype=torch.bool)
+    means = sums[..., CENTRE].clone()
     for b, column in ((S, st.P_S), (T, st.P_T), (U, st.P_U)):
         if b not in at:
             if b != U:
@@ -193,6 +217,7 @@ def partials(student: torch.Tensor, teacher: torch.Tensor, active: torch.Tensor,
         m2 = torch.where(m2 < 0, 0.0, m2)  # rounding; `where` keeps NaN
         if csd:  # F = S2 Z / (S2 Z - S1^2) > 16: the second moment cancels (False for NaN, empty rows)
             redo |= _MAX_CANCELLATION * s1 * s1 > (_MAX_CANCELLATION - 1.0) * s2 * z
+        means[:, bases.index(b)] = centre + mean
         mu = (centre - shift) + mean  # E_B[d - c] around the row's shift: (c_B - c) + E_B[d - c_B]
         if b != U:
             out[:, column], out[:, column + 1], out[:, column + 2], out[:, column + 3] = m, z, mu, m2
@@ -202,11 +227,7 @@ def partials(student: torch.Tensor, teacher: torch.Tensor, active: torch.Tensor,
         out[:, st.P_CE], out[:, st.P_CE + 1] = at[CE][:, M], at[CE][:, Z]
     else:
         out[:, st.P_CE] = -math.inf
-    # The rows that cancelled: the chunked backend's Chan updates (exact; these rows only, no compilation).
-    rows = redo.nonzero().squeeze(1)  # CPU tensors: no device to synchronise with
-    if rows.numel():
-        out[rows] = torch_backend.partials(s[rows], t[rows], active[rows], None, spec)
-    return out
+    return out, redo, means
 
 
 def forward(student, teacher, active, labels, spec: LossSpec, components: bool = False

@@ -473,12 +473,17 @@ def _mapping_of(address):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_the_gradient_lies_on_huge_pages_and_is_unmapped_when_freed(dtype):
+def test_the_gradient_lies_on_huge_pages_and_is_kept_for_the_next_backward(dtype):
     """A backward's new gradient of 2 MB or more is its own mapping, 2 MB-aligned and advised for huge
     pages (the kernel backs it with them unless THP is off), holds the same values as a gradient written
-    into a tensor from torch's allocator, and its mapping goes when the tensor is freed."""
+    into a tensor from torch's allocator; freed, its mapping is kept, and the next backward of that size
+    writes every entry of it (it was poisoned with NaN); one of twice the size or more maps anew, as
+    does a larger one; `empty_cache` unmaps what is kept."""
+    import csd_kernels
     from csd_kernels.contract import LossSpec, parse_weighting
 
+    ext = inductor_backend._extension()
+    csd_kernels.empty_cache()
     spec = LossSpec(*parse_weighting("ts"), 1.0, 1.0)
     n_rows, vocab = 64, 24000  # 6 MB fp32, 3 MB bf16
     student, teacher = (x.reshape(n_rows, vocab) for x in _logits(lead=(n_rows,), vocab=vocab, dtype=dtype))
@@ -494,15 +499,56 @@ def test_the_gradient_lies_on_huge_pages_and_is_unmapped_when_freed(dtype):
     assert address % (2 << 20) == 0, hex(address)
     mapping = _mapping_of(address)
     assert mapping is not None and "hg" in mapping["VmFlags"], mapping  # hg: MADV_HUGEPAGE
-    assert mapping["range"][1] - mapping["range"][0] >= grad.numel() * grad.element_size()
+    length = mapping["range"][1] - mapping["range"][0]
+    assert length >= grad.numel() * grad.element_size()
     thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
     if "[never]" not in thp:
         assert mapping.get("AnonHugePages", 0) > 0, (thp, mapping)
     small = inductor_backend._new_gradient(student[:2, :100])  # below 2 MB: torch's allocator, as before
     assert "hg" not in (_mapping_of(small.data_ptr()) or {"VmFlags": []})["VmFlags"]
+
+    grad.fill_(math.nan)
     del grad
+    assert _mapping_of(address)["range"] == mapping["range"], "the freed gradient's mapping was not kept"
+    assert ext.cached_gradient_bytes() == length
+    again = inductor_backend.backward(student, teacher, active, None, stats, ones, spec)
+    assert again.data_ptr() == address and ext.cached_gradient_bytes() == 0
+    assert torch.equal(again, want), "an entry of the reused mapping was not written"
+    del again
+    csd_kernels.empty_cache()
     after = _mapping_of(address)
-    assert after is None or after["range"] != mapping["range"], "the gradient's mapping outlived it"
+    assert ext.cached_gradient_bytes() == 0 and (after is None or after["range"] != mapping["range"]), after
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
+def test_the_kept_gradient_mapping_serves_sizes_up_to_twice_smaller():
+    """One mapping kept, the last freed; a request takes it if it is at least as large and at most twice
+    the request (rounded to 2 MB pages), and otherwise unmaps it before mapping anew (never two). A
+    request served by the kept mapping finds what its last user wrote; a new mapping holds zeros."""
+    import csd_kernels
+
+    ext = inductor_backend._extension()
+    mb = 1 << 20
+    new = lambda size: ext.huge_page_empty([size * mb], torch.uint8)  # noqa: E731
+    csd_kernels.empty_cache()
+    first = new(8).fill_(7)
+    del first
+    assert ext.cached_gradient_bytes() == 8 * mb
+    reused = new(5)  # rounded to 6 MB: the 8 MB mapping serves it
+    assert ext.cached_gradient_bytes() == 0 and (reused == 7).all(), "not the kept mapping"
+    reused.fill_(9)
+    del reused
+    assert ext.cached_gradient_bytes() == 8 * mb  # the whole mapping comes back
+    small = new(2)  # 8 MB is more than twice 2 MB
+    assert ext.cached_gradient_bytes() == 0 and (small == 0).all(), "the kept mapping served a small request"
+    del small
+    assert ext.cached_gradient_bytes() == 2 * mb
+    large = new(16)
+    assert ext.cached_gradient_bytes() == 0 and (large == 0).all()
+    del large
+    assert ext.cached_gradient_bytes() == 16 * mb
+    csd_kernels.empty_cache()
+    assert ext.cached_gradient_bytes() == 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")

@@ -35,6 +35,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -471,9 +473,54 @@ void row_gradient(torch::Tensor student, torch::Tensor teacher, torch::Tensor st
 // filling a new 262 MB tensor took 77 ms, against 18 ms where its pages are 2 MB; the backward itself
 // (N = 2048, V = 32000 fp32, "ss") takes 33 ms into memory already touched. So the mapping is rounded
 // to whole 2 MB pages, aligned to one, and advised MADV_HUGEPAGE (which the kernel may decline: the
-// buffer then simply has 4 KB pages), and it is unmapped when the tensor's storage is freed. It is
-// memory the process holds like any other (RSS counts it); unlike torch's allocator, torch's memory
-// profiler does not see it, and its storage cannot be resized.
+// buffer then simply has 4 KB pages). When the tensor's storage is freed, its mapping is kept for the
+// next backward (GradientCache: one mapping, the last freed), whose gradient then finds its pages
+// already there: a training step frees its logits' gradient and the next step asks for the same size
+// (on this project's KVM hosts a fresh huge page is often one the host must fault in again, up to a
+// second of system time at 1.2 GB). It is memory the process holds like any other (RSS counts it, the
+// kept mapping too, until `release_cached_gradient` or a request it cannot serve); unlike torch's
+// allocator, torch's memory profiler does not see it, and its storage cannot be resized.
+class GradientCache {
+ public:
+  // A mapping of at least `length` bytes: the kept one if it is large enough but not more than twice
+  // that (a small gradient does not hold a large mapping), else a new one.
+  std::pair<void*, size_t> take(size_t length) {
+    std::lock_guard<std::mutex> guard(lock_);
+    if (data_ != nullptr && kept_ >= length && kept_ <= 2 * length) {
+      return {std::exchange(data_, nullptr), std::exchange(kept_, 0)};
+    }
+    return {nullptr, 0};
+  }
+
+  // Keep a freed mapping, unmapping the one kept before.
+  void give(void* data, size_t length) {
+    std::lock_guard<std::mutex> guard(lock_);
+    if (data_ != nullptr) munmap(data_, kept_);
+    data_ = data, kept_ = length;
+  }
+
+  void release() {
+    std::lock_guard<std::mutex> guard(lock_);
+    if (data_ != nullptr) munmap(data_, kept_);
+    data_ = nullptr, kept_ = 0;
+  }
+
+  size_t kept() {
+    std::lock_guard<std::mutex> guard(lock_);
+    return kept_;
+  }
+
+ private:
+  std::mutex lock_;
+  void* data_ = nullptr;
+  size_t kept_ = 0;
+};
+
+GradientCache& gradient_cache() {
+  static GradientCache* cache = new GradientCache();  // never destroyed: tensors may outlive static teardown
+  return *cache;
+}
+
 torch::Tensor huge_page_empty(std::vector<int64_t> sizes, at::ScalarType dtype) {
   constexpr size_t PAGE = size_t(2) << 20;
   int64_t numel = 1;
@@ -482,22 +529,37 @@ torch::Tensor huge_page_empty(std::vector<int64_t> sizes, at::ScalarType dtype) 
     numel *= size;
   }
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
-  const size_t length = (bytes + PAGE - 1) / PAGE * PAGE;
-  if (length == 0) return torch::empty(sizes, at::TensorOptions().dtype(dtype));
-  // Map one page more than needed, then unmap the unaligned head and the tail beyond `length`.
-  void* mapped = mmap(nullptr, length + PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  TORCH_CHECK(mapped != MAP_FAILED, "cpu_rows: could not map ", length, " bytes for the gradient");
-  const uintptr_t start = reinterpret_cast<uintptr_t>(mapped);
-  const uintptr_t aligned = (start + PAGE - 1) / PAGE * PAGE;
-  if (aligned > start) munmap(mapped, aligned - start);
-  munmap(reinterpret_cast<void*>(aligned + length), start + PAGE - aligned);  // never empty: aligned < start + PAGE
-  void* data = reinterpret_cast<void*>(aligned);
-  madvise(data, length, MADV_HUGEPAGE);  // advice only: its failure leaves ordinary pages
-  return torch::from_blob(data, sizes, [length](void* p) { munmap(p, length); }, at::TensorOptions().dtype(dtype));
+  const size_t needed = (bytes + PAGE - 1) / PAGE * PAGE;
+  if (needed == 0) return torch::empty(sizes, at::TensorOptions().dtype(dtype));
+  auto [data, length] = gradient_cache().take(needed);
+  if (data == nullptr) {
+    gradient_cache().release();  // the kept mapping cannot serve this size: no second one beside it
+    length = needed;
+    // Map one page more than needed, then unmap the unaligned head and the tail beyond `length`.
+    void* mapped = mmap(nullptr, length + PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(mapped != MAP_FAILED, "cpu_rows: could not map ", length, " bytes for the gradient");
+    const uintptr_t start = reinterpret_cast<uintptr_t>(mapped);
+    const uintptr_t aligned = (start + PAGE - 1) / PAGE * PAGE;
+    if (aligned > start) munmap(mapped, aligned - start);
+    munmap(reinterpret_cast<void*>(aligned + length), start + PAGE - aligned);  // never empty: aligned < start + PAGE
+    data = reinterpret_cast<void*>(aligned);
+    madvise(data, length, MADV_HUGEPAGE);  // advice only: its failure leaves ordinary pages
+  }
+  const size_t kept = length;
+  return torch::from_blob(data, sizes, [kept](void* p) { gradient_cache().give(p, kept); },
+                          at::TensorOptions().dtype(dtype));
 }
+
+// Unmap the gradient mapping kept for reuse, if any.
+void release_cached_gradient() { gradient_cache().release(); }
+
+// Bytes of the gradient mapping kept for reuse (0 if none).
+int64_t cached_gradient_bytes() { return static_cast<int64_t>(gradient_cache().kept()); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_passes", &row_passes, "the forward row passes of csd_kernels' compiled CPU backend");
   m.def("row_gradient", &row_gradient, "the backward of csd_kernels' compiled CPU backend");
   m.def("huge_page_empty", &huge_page_empty, "an uninitialised tensor on transparent huge pages");
+  m.def("release_cached_gradient", &release_cached_gradient, "unmap the gradient mapping kept for reuse");
+  m.def("cached_gradient_bytes", &cached_gradient_bytes, "bytes of the gradient mapping kept for reuse");
 }

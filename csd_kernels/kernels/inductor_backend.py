@@ -35,11 +35,13 @@ in `cpu_rows.cpp` over whole rows (one read of s and t, one write), the gradient
 (no fp32 N x V temporary). Measured on 2 cores at N = 2048, V = 32000 fp32: about 33 ms for "ss" and 49
 for "ts" into a gradient already in memory; a fresh gradient's first-touch page faults on 4 KB pages cost
 some 85 ms more. So a new gradient of 2 MB or more is mapped on transparent huge pages (`cpu_rows.cpp`,
-`huge_page_empty`: 512 times fewer faults, and it is unmapped as soon as it is freed). Measured at
-N = 2048, V = 151936 fp32 ("ss", 2 cores, THP mode "madvise"): 320k faults and 460-570 ms per backward
-on 4 KB pages, 600 faults and 230-300 ms on 2 MB pages (both with occasional spikes of a second or
-more, the host's, in system time). torch's own buffers get huge pages with THP_MEM_ALLOC_ENABLE=1
-(`benchmarks.cpu_target` reports the ratios both ways).
+`huge_page_empty`: 512 times fewer faults). Measured at N = 2048, V = 151936 fp32 ("ss", 2 cores, THP
+mode "madvise"): 320k faults and 460-570 ms per backward on 4 KB pages, 600 faults and 230-300 ms on
+2 MB pages (both with occasional spikes of a second or more, the host's, in system time). When the
+gradient is freed its mapping is kept, one at most, for the next backward of about its size (a
+training step frees its logits' gradient and the next asks for the same): that backward finds its
+pages in place and pays no faults at all. `empty_cache()` unmaps it. torch's own buffers get huge
+pages with THP_MEM_ALLOC_ENABLE=1 (`benchmarks.cpu_target` reports the ratios both ways).
 
 Compilation: `cpu_rows.cpp` is built once per machine by `torch.utils.cpp_extension` (about 45 s on 2
 cores, then loaded from torch's extension cache). float64 logits take the chunked forward and the same
@@ -242,10 +244,19 @@ _HUGE_PAGE_BYTES = 2 << 20
 
 
 def _new_gradient(student: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor of the student's shape and dtype for the gradient (contiguous)."""
+    """An uninitialised tensor of the student's shape and dtype for the gradient (contiguous): from 2 MB
+    on, a huge-page mapping, the one the last freed gradient left (kept for reuse) where it fits."""
     if student.numel() * student.element_size() >= _HUGE_PAGE_BYTES and _extension() is not None:
         return _extension().huge_page_empty(list(student.shape), student.dtype)
     return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+def empty_cache() -> None:
+    """Return to the system the memory of the CPU backward's last freed gradient, which it keeps for the
+    next backward of about its size (as `torch.cuda.empty_cache` does for the CUDA caching allocator):
+    one mapping at most, of the gradient's size rounded up to 2 MB. Nothing to do on a GPU."""
+    if _extension.cache_info().currsize and _extension() is not None:  # never builds the extension
+        _extension().release_cached_gradient()
 
 
 def backward(student, teacher, active, labels, stats, grad_rows, spec: LossSpec,

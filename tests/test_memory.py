@@ -19,6 +19,8 @@ def test_cpu_backends_extra_memory_is_about_the_gradient(provider):
     lean = measure(provider, rows, vocab)
     ratio = lean["extra_bytes"] / lean["grad_bytes"]
     assert ratio < 1.5, f"{provider} used {ratio:.2f}x its gradient in extra memory: {lean}"
+    # and the gradient itself is counted (not a mapping a previous call left behind)
+    assert lean["extra_bytes"] >= lean["grad_bytes"], lean
 
 
 @pytest.mark.slow
@@ -35,7 +37,7 @@ def test_topk_extra_memory_is_about_the_gradient(provider):
     rows, vocab = 1024, 32000
     result = measure(provider, rows, vocab)
     ratio = result["extra_bytes"] / result["grad_bytes"]
-    assert ratio < 1.25, f"{provider} used {ratio:.2f}x its gradient in extra memory: {result}"
+    assert 1.0 <= ratio < 1.25, f"{provider} used {ratio:.2f}x its gradient in extra memory: {result}"
 
 
 def test_topk_benchmark_rows_on_cpu(tmp_path):

@@ -153,7 +153,8 @@ def test_row_passes_match_their_definition(dtypes, bases, second, temperature):
         # The moments around the centre the passes report (c is the sums' free origin; its own rounding,
         # some ulps from a sum over many ties, times Z would otherwise show in S1)
         around = _columns_reference(student, teacher, bases, scales, second, got[..., inductor_backend.CENTRE])
-        want[..., inductor_backend.S1:inductor_backend.S2 + 1] = around[..., inductor_backend.S1:inductor_backend.S2 + 1]
+        moments = slice(inductor_backend.S1, inductor_backend.S2 + 1)
+        want[..., moments] = around[..., moments]
         z, s2 = want[..., inductor_backend.Z], want[..., inductor_backend.S2]
         for column in range(6):
             name = f"V={vocab} column {column}"

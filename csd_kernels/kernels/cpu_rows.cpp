@@ -187,9 +187,10 @@ struct ModeLanes {
 // every softmax's maximum, with where it lies (ModeLanes); (2) only where a softmax's mode is tied, the
 // centres, d at each softmax's mode averaged over its ties (only with second moments); (3) the moments
 // of every base. Given centres (`given`, one a base in slot order: a second pass over rows whose moments
-// cancelled around the first pass's) replace those of (1) and (2). Each sweep loads s and t once for all bases (a separate sweep per base cost "ts" about a
-// third more). When the cross-entropy's softmax has S's scale and maximum (temperature 1 and a finite
-// teacher at the student's top entry), both take their weights from one exponential.
+// cancelled around the first pass's) replace those of (1) and (2). Each sweep loads s and t once for all
+// bases (a separate sweep per base cost "ts" about a third more). When the cross-entropy's softmax has
+// S's scale and maximum (temperature 1 and a finite teacher at the student's top entry), both take their
+// weights from one exponential.
 template <typename XS, typename XT>
 void one_row(const Row<XS, XT>& row, const Plan& plan, const float* given, float* out) {
   const bool hs = plan.has[S], ht = plan.has[T], hu = plan.has[U], hce = plan.has[CE];

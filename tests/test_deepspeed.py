@@ -11,7 +11,7 @@ import torch.distributed as dist
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from test_fsdp import _loss, _models, run_against_one_process  # noqa: E402
+from test_fsdp import _loss, _models, finish, run_against_one_process  # noqa: E402
 
 
 def _worker(rank, world, init_file, out_file, archs):
@@ -36,11 +36,10 @@ def _worker(rank, world, init_file, out_file, archs):
             records[arch] = {"loss": loss.detach(), "grads": grads, "partitioned": partitioned,
                              "head_parameters": len(head)}
             engine.destroy()  # its hooks, partitioned parameters and communication state, before the next
-        if rank == 0:
-            torch.save(records, out_file)
-        dist.barrier()  # no rank tears its process group down while the other still communicates
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    finish(rank, records, out_file)
 
 
 # A head tied to the input embeddings (GPT-2), an untied head (Llama) and an untied head with a bias.

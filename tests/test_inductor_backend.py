@@ -230,14 +230,18 @@ def test_low_temperature():
     _check(student * 50, teacher * 50, weighting="ss", temperature=0.1, teacher_temperature=0.1)
 
 
-def _cancelling_rows(vocab=4000):
+def _cancelling_rows(vocab=4000, dtype=torch.float32, layout="contiguous"):
     """Rows whose student is nearly uniform with its mode on an outlier of d: centred at the mode,
-    S2 Z - S1^2 cancels by a factor of about V."""
+    S2 Z - S1^2 cancels by a factor of about V. Layouts: rows inside wider ones, a -inf run."""
     student = torch.zeros(2, vocab)
     student[:, 7] = 1e-3  # the mode, by a hair
     teacher = torch.randn(2, vocab)
     teacher[:, 7] = -1000.0  # d = 1000 at the mode, ~N(0, 1) elsewhere
-    return student, teacher
+    if layout == "row-slice":
+        student = torch.cat([student, torch.randn(2, 33)], -1)[:, :vocab]
+    elif layout == "inf-run":
+        teacher[:, 100:900] = -math.inf
+    return student.to(dtype), teacher.to(dtype)
 
 
 def _spy_on_passes(monkeypatch, centres=None):
@@ -257,16 +261,23 @@ def _spy_on_passes(monkeypatch, centres=None):
     return calls, chunked_calls
 
 
-def _check_loss(student, teacher):
-    loss = csd_loss(student, teacher, weighting="ss", backend="inductor", reduction="none", **TAU)
-    expected = reference.csd_loss(student.double(), teacher.double(), weighting="ss", reduction="none", **TAU)
-    assert_close(loss, expected, dtype=torch.float32, name="loss")
+def _check_loss(student, teacher, weighting="ss"):
+    """Loss and gradient of backend="inductor" against the float64 reference (nothing else runs)."""
+    kwargs = dict(weighting=weighting, reduction="none", **TAU)
+    loss, grad = loss_and_grad(lambda s, t, **k: csd_loss(s, t, backend="inductor", **k), student, teacher, **kwargs)
+    ref_loss, ref_grad = loss_and_grad(reference.csd_loss, student.double(), teacher.double(), **kwargs)
+    assert_close(loss, ref_loss, dtype=torch.float32, name="loss")
+    assert_gradient(grad, ref_grad.to(student.dtype), reference.csd_loss, student, teacher, **kwargs)
 
 
-def test_cancelling_rows_are_taken_again_around_their_means(monkeypatch):
-    student, teacher = _cancelling_rows()
+@pytest.mark.parametrize("weighting", ["ss", "ts", ({"student": 0.5, "teacher": 0.3, "uniform": 0.2}, "student")],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "row-slice", "inf-run"])
+def test_cancelling_rows_are_taken_again_around_their_means(monkeypatch, weighting, dtype, layout):
+    student, teacher = _cancelling_rows(dtype=dtype, layout=layout)
     calls, chunked_calls = _spy_on_passes(monkeypatch)
-    _check_loss(student, teacher)
+    _check_loss(student, teacher, weighting)
     assert calls == [(2, False), (2, True)], calls  # both rows, once more around their means
     assert chunked_calls == [], chunked_calls
 

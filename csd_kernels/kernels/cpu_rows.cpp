@@ -493,18 +493,14 @@ class GradientCache {
     return {nullptr, 0};
   }
 
-  // Keep a freed mapping, unmapping the one kept before.
+  // Keep a freed mapping, unmapping the one kept before (none: just that).
   void give(void* data, size_t length) {
     std::lock_guard<std::mutex> guard(lock_);
     if (data_ != nullptr) munmap(data_, kept_);
     data_ = data, kept_ = length;
   }
 
-  void release() {
-    std::lock_guard<std::mutex> guard(lock_);
-    if (data_ != nullptr) munmap(data_, kept_);
-    data_ = nullptr, kept_ = 0;
-  }
+  void release() { give(nullptr, 0); }
 
   size_t kept() {
     std::lock_guard<std::mutex> guard(lock_);
